@@ -1,0 +1,90 @@
+"""torch.distributed + megatron parallel_state setup, and a local multi-process launcher for tools and tests.
+
+Every init has a timeout: a missing peer must fail in seconds with a clear error, not hang a job or a test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from p2o_hpc.megatron import cpu_compat
+
+DEFAULT_INIT_TIMEOUT_S = 120
+
+
+def init_megatron(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    *,
+    seed: int = 1234,
+    timeout_s: float = DEFAULT_INIT_TIMEOUT_S,
+) -> None:
+    """Init the default process group from the env (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and megatron's groups."""
+    cpu_compat.enable()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % (tensor_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel×pipeline_parallel = "
+            f"{tensor_parallel}×{pipeline_parallel}"
+        )
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=cpu_compat.distributed_backend(),
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        fn(*args)
+    finally:
+        shutdown()
+
+
+def launch_local(fn: Callable, world_size: int, *args) -> None:
+    """Run `fn(*args)` in `world_size` spawned processes on this machine; raises if any rank fails.
+
+    `fn` must be importable (module level) because the processes are spawned, as vLLM and dist_checkpointing need.
+    """
+    mp.start_processes(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, start_method="spawn", join=True)
