@@ -1,0 +1,171 @@
+"""One optimizer step of a megatron learner: DDP-wrapped GPTModel, megatron optimizer and LR schedule.
+
+The loss is pluggable (`loss_fn(batch, logits_shard) -> (summed_loss, num_tokens)`); gradients are the mean over
+every loss token of the *global* batch (all micro-batches, all DP ranks): megatron sums per-token losses
+(`calculate_per_token_loss`) and `finalize_model_grads` divides by the global token count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from p2o_hpc.megatron.forward import next_token_logprobs
+from p2o_hpc.megatron.hf_weights import load_hf_weights
+from p2o_hpc.megatron.model_provider import HFArchitecture, build_gpt_model, build_transformer_config
+
+LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclasses.dataclass
+class OptimSettings:
+    """Defaults are the paper's (lr 1e-6, no warmup mentioned → constant); clip 1.0 as verl."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    decay_style: str = "constant"
+    use_distributed_optimizer: bool = False
+
+
+@dataclasses.dataclass
+class Learner:
+    arch: HFArchitecture
+    model: DistributedDataParallel
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    step: int = 0
+
+
+def uses_torch_adamw_fallback() -> bool:
+    """True when megatron found neither TE nor Apex and optimises with torch.optim.AdamW."""
+    import megatron.core.optimizer as mcore_optimizer
+
+    return mcore_optimizer.Adam is torch.optim.AdamW
+
+
+def build_learner(
+    arch: HFArchitecture,
+    hf_dir: str | None,
+    settings: OptimSettings,
+    params_dtype: torch.dtype = torch.float32,
+) -> Learner:
+    """parallel_state must be initialised; weights come from `hf_dir` (or stay at megatron's init if None)."""
+    if settings.use_distributed_optimizer and uses_torch_adamw_fallback():
+        raise ValueError(
+            "optim.use_distributed_optimizer=True needs Transformer-Engine's or Apex's FusedAdam: megatron's "
+            "torch.optim.AdamW fallback (CPU, or GPU without TE/Apex) cannot save/load distributed optimizer state "
+            "(its shared 0-dim `step` breaks the sharded state dict). Use the plain optimizer here."
+        )
+    config = build_transformer_config(arch, params_dtype=params_dtype, calculate_per_token_loss=True)
+    model = build_gpt_model(arch, config)
+    if hf_dir is not None:
+        load_hf_weights(model, hf_dir, arch)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+    )
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=settings.lr,
+        min_lr=settings.min_lr,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        adam_eps=settings.adam_eps,
+        clip_grad=settings.clip_grad,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(optimizer_config, [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if settings.warmup_steps else settings.lr,
+        max_lr=settings.lr,
+        min_lr=settings.min_lr,
+        lr_warmup_steps=settings.warmup_steps,
+        lr_decay_steps=max(settings.total_steps, 1),
+        lr_decay_style=settings.decay_style,
+        start_wd=settings.weight_decay,
+        end_wd=settings.weight_decay,
+        wd_incr_steps=max(settings.total_steps, 1),
+        wd_incr_style="constant",
+    )
+    return Learner(arch=arch, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def token_nll_loss(arch: HFArchitecture) -> LossFn:
+    """Summed next-token NLL over `loss_mask` (defaults to all positions): the SFT loss, used by tests and benches."""
+
+    def loss_fn(batch, logits_shard):
+        logprobs = next_token_logprobs(logits_shard, batch["input_ids"], arch.vocab_size)
+        mask = batch.get("loss_mask")
+        mask = torch.ones_like(logprobs) if mask is None else mask[:, 1:].to(logprobs.dtype)
+        return -(logprobs * mask).sum(), mask.sum()
+
+    return loss_fn
+
+
+def train_step(learner: Learner, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, float]:
+    """Forward/backward over this DP rank's micro-batches, grad sync, clip, optimizer and LR step."""
+    learner.model.train()
+    learner.model.zero_grad_buffer()
+    learner.optimizer.zero_grad()
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        logits = model(batch["input_ids"], None, None)
+
+        def on_output(output, batch=batch):
+            summed, tokens = loss_fn(batch, output)
+            tokens = tokens.detach().to(torch.int)
+            return summed, tokens, {"loss": torch.stack([summed.detach(), tokens.float()])}
+
+        return logits, on_output
+
+    seq_length = max(batch["input_ids"].shape[1] for batch in micro_batches)
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[learner.model],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batches[0]["input_ids"].shape[0],
+        forward_only=False,
+    )
+    update_ok, grad_norm, _ = learner.optimizer.step()
+    learner.scheduler.step(increment=1)
+    learner.step += 1
+
+    # Global token-mean loss for logging: sum over micro-batches here, then over DP (last stage holds it).
+    totals = torch.zeros(2, dtype=torch.float64)
+    for item in losses:
+        totals += item["loss"].double()
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    last_stage = parallel_state.get_pipeline_model_parallel_last_rank()
+    torch.distributed.broadcast(totals, src=last_stage, group=parallel_state.get_pipeline_model_parallel_group())
+    return {
+        "loss": (totals[0] / totals[1].clamp(min=1)).item(),
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "lr": learner.optimizer.param_groups[0]["lr"],
+        "update_ok": bool(update_ok),
+    }
