@@ -18,8 +18,9 @@ Each patch and why:
    The module-level ``_get_cuda_rng_state``/``_set_cuda_rng_state`` (used by activation recomputation) and
    ``torch.cuda.manual_seed``/``get_rng_state``/``set_rng_state`` are pointed at the CPU generator: on CPU the
    "device generator" *is* the CPU generator.
-4. The torch-AdamW fallback's checkpoint ``step`` handling is fixed in :mod:`p2o_hpc.megatron.optimizer_state`,
-   not here: it is an optimizer-state matter, not a device one.
+4. Not patched: the torch-AdamW fallback optimizer's distributed-optimizer checkpointing (a shared 0-dim
+   ``step``). :func:`p2o_hpc.megatron.training.build_learner` refuses that combination and uses megatron's plain
+   (non-distributed) optimizer, which checkpoints and resumes exactly on the fallback.
 
 Every replaced megatron symbol is asserted to exist at import, so a megatron-core upgrade that renames one fails
 loudly here instead of silently running CUDA code paths.
