@@ -93,5 +93,5 @@ def load_checkpoint(learner: Learner, checkpoint: str | Path, *, with_optimizer:
         learner.optimizer.load_state_dict(state["optimizer"])
         learner.scheduler.load_state_dict(state["scheduler"])
         learner.step = int(state["step"])
-    # The DDP grad buffers keep views of the params; nothing to rebuild, but make the update visible to all ranks.
+    # Keep ranks in step: none may train on until every rank has its state back.
     torch.distributed.barrier()

@@ -35,6 +35,36 @@ def next_token_logprobs(logits_shard: torch.Tensor, input_ids: torch.Tensor, voc
     return token_logprobs(logits_shard[:, :-1], input_ids[:, 1:], vocab_size)
 
 
+def run_schedule(
+    model,
+    micro_batches: list[dict[str, torch.Tensor]],
+    on_output: Callable[[dict[str, torch.Tensor], torch.Tensor], tuple],
+    *,
+    forward_only: bool,
+) -> list:
+    """Drive megatron's schedule (no-pipelining, 1F1B, interleaved: megatron picks) over the micro-batches.
+
+    `on_output(batch, logits_shard)` runs on the last stage and returns what megatron's loss function returns:
+    `(loss, reported)` or `(summed_loss, num_tokens, reported)`. Returns the `reported` items (last stage only).
+    """
+    models = model if isinstance(model, list) else [model]
+
+    def forward_step(data_iterator, module):
+        batch = next(data_iterator)
+        logits = module(batch["input_ids"], None, None)
+        return logits, lambda output, batch=batch: on_output(batch, output)
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=models,
+        num_microbatches=len(micro_batches),
+        seq_length=max(batch["input_ids"].shape[1] for batch in micro_batches),
+        micro_batch_size=micro_batches[0]["input_ids"].shape[0],
+        forward_only=forward_only,
+    )
+
+
 def forward_collect(
     model,
     micro_batches: list[dict[str, torch.Tensor]],
@@ -44,29 +74,10 @@ def forward_collect(
 
     Returns one dict per micro-batch on the last pipeline stage, an empty list on the others.
     """
-    models = model if isinstance(model, list) else [model]
-    for module in models:
+    for module in model if isinstance(model, list) else [model]:
         module.eval()
-
-    def forward_step(data_iterator, module):
-        batch = next(data_iterator)
-        logits = module(batch["input_ids"], None, None)
-
-        def on_output(output, batch=batch):
-            return torch.zeros(()), collect(batch, output)
-
-        return logits, on_output
-
-    seq_length = max(batch["input_ids"].shape[1] for batch in micro_batches)
     with torch.no_grad():
-        results = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
-            model=models,
-            num_microbatches=len(micro_batches),
-            seq_length=seq_length,
-            micro_batch_size=micro_batches[0]["input_ids"].shape[0],
-            forward_only=True,
+        results = run_schedule(
+            model, micro_batches, lambda batch, output: (torch.zeros(()), collect(batch, output)), forward_only=True
         )
     return results if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else []
-

@@ -15,9 +15,8 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from p2o_hpc.megatron.forward import next_token_logprobs
+from p2o_hpc.megatron.forward import next_token_logprobs, run_schedule
 from p2o_hpc.megatron.hf_weights import load_hf_weights
 from p2o_hpc.megatron.model_provider import HFArchitecture, build_gpt_model, build_transformer_config
 
@@ -131,27 +130,11 @@ def train_step(learner: Learner, micro_batches: list[dict[str, torch.Tensor]], l
     learner.model.zero_grad_buffer()
     learner.optimizer.zero_grad()
 
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        logits = model(batch["input_ids"], None, None)
+    def on_output(batch, logits_shard):
+        summed, tokens = loss_fn(batch, logits_shard)
+        return summed, tokens.detach().to(torch.int), {"loss": torch.stack([summed.detach(), tokens.float()])}
 
-        def on_output(output, batch=batch):
-            summed, tokens = loss_fn(batch, output)
-            tokens = tokens.detach().to(torch.int)
-            return summed, tokens, {"loss": torch.stack([summed.detach(), tokens.float()])}
-
-        return logits, on_output
-
-    seq_length = max(batch["input_ids"].shape[1] for batch in micro_batches)
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(micro_batches),
-        model=[learner.model],
-        num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batches[0]["input_ids"].shape[0],
-        forward_only=False,
-    )
+    losses = run_schedule(learner.model, micro_batches, on_output, forward_only=False)
     update_ok, grad_norm, _ = learner.optimizer.step()
     learner.scheduler.step(increment=1)
     learner.step += 1
