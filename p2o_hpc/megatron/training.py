@@ -1,6 +1,7 @@
 """One optimizer step of a megatron learner: DDP-wrapped GPTModel, megatron optimizer and LR schedule.
 
-The loss is pluggable (`loss_fn(batch, logits_shard) -> (summed_loss, num_tokens)`); gradients are the mean over
+The loss is pluggable (`loss_fn(batch, logits_shard) -> (summed_loss, num_tokens[, summed_metrics])`); gradients
+are the mean over
 every loss token of the *global* batch (all micro-batches, all DP ranks): megatron sums per-token losses
 (`calculate_per_token_loss`) and `finalize_model_grads` divides by the global token count.
 """
@@ -20,7 +21,8 @@ from p2o_hpc.megatron.forward import next_token_logprobs, run_schedule
 from p2o_hpc.megatron.hf_weights import load_hf_weights
 from p2o_hpc.megatron.model_provider import HFArchitecture, build_gpt_model, build_transformer_config
 
-LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (batch, logits_shard) -> (summed_loss, normaliser) or (summed_loss, normaliser, {metric: summed value}).
+LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor], tuple]
 
 
 @dataclasses.dataclass
@@ -125,30 +127,50 @@ def token_nll_loss(arch: HFArchitecture) -> LossFn:
 
 
 def train_step(learner: Learner, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, float]:
-    """Forward/backward over this DP rank's micro-batches, grad sync, clip, optimizer and LR step."""
+    """Forward/backward over this DP rank's micro-batches, grad sync, clip, optimizer and LR step.
+
+    Extra metrics the loss function sums (e.g. clipped tokens) come back divided by the global normaliser.
+    """
     learner.model.train()
     learner.model.zero_grad_buffer()
     learner.optimizer.zero_grad()
+    metric_names: list[str] = []
 
     def on_output(batch, logits_shard):
-        summed, tokens = loss_fn(batch, logits_shard)
-        return summed, tokens.detach().to(torch.int), {"loss": torch.stack([summed.detach(), tokens.float()])}
+        summed, tokens, *extra = loss_fn(batch, logits_shard)
+        extra = extra[0] if extra else {}
+        metric_names[:] = sorted(extra)
+        reported = torch.stack([summed.detach(), tokens.float(), *(extra[k].detach().float() for k in metric_names)])
+        return summed, tokens.detach().to(torch.int), {"loss": reported}
 
     losses = run_schedule(learner.model, micro_batches, on_output, forward_only=False)
     update_ok, grad_norm, _ = learner.optimizer.step()
     learner.scheduler.step(increment=1)
     learner.step += 1
 
-    # Global token-mean loss for logging: sum over micro-batches here, then over DP (last stage holds it).
-    totals = torch.zeros(2, dtype=torch.float64)
+    # Global sums for logging: over micro-batches here, then over DP; the last stage holds them, so broadcast
+    # over PP (its first value says how many metrics follow, which only the last stage knows).
+    last_stage = parallel_state.get_pipeline_model_parallel_last_rank()
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    count = torch.tensor([len(losses[0]["loss"]) if losses else 0])
+    torch.distributed.broadcast(count, src=last_stage, group=pp_group)
+    totals = torch.zeros(int(count), dtype=torch.float64)
     for item in losses:
         totals += item["loss"].double()
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    last_stage = parallel_state.get_pipeline_model_parallel_last_rank()
-    torch.distributed.broadcast(totals, src=last_stage, group=parallel_state.get_pipeline_model_parallel_group())
+    torch.distributed.broadcast(totals, src=last_stage, group=pp_group)
+    normaliser = totals[1].clamp(min=1)
+    names = _broadcast_names(metric_names, last_stage, pp_group)
     return {
-        "loss": (totals[0] / totals[1].clamp(min=1)).item(),
+        "loss": (totals[0] / normaliser).item(),
+        **{name: (totals[2 + i] / normaliser).item() for i, name in enumerate(names)},
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": learner.optimizer.param_groups[0]["lr"],
         "update_ok": bool(update_ok),
     }
+
+
+def _broadcast_names(names: list[str], src: int, group) -> list[str]:
+    holder = [names]
+    torch.distributed.broadcast_object_list(holder, src=src, group=group)
+    return holder[0]

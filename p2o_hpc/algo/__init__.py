@@ -1,0 +1,1 @@
+"""Advantage estimators, policy losses and loss aggregation, by name."""

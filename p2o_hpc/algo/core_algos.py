@@ -1,0 +1,156 @@
+"""GRPO's math as small named functions in registries (verl's ``core_algos`` pattern).
+
+Advantage estimators map per-sequence rewards of prompt groups to per-sequence advantages; policy losses map
+per-token log-probs to per-token losses; aggregators turn those into ``(summed_loss, normaliser)``, the pair
+megatron's per-token loss mode sums over micro-batches and DP ranks before dividing. P²O's variants register
+new entries here and are picked by name from the config.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
+POLICY_LOSSES: dict[str, Callable] = {}
+KL_PENALTIES: dict[str, Callable] = {}
+LOSS_AGGREGATIONS: dict[str, Callable] = {}
+
+
+def _register(registry: dict[str, Callable], name: str):
+    def decorator(fn):
+        if name in registry:
+            raise ValueError(f"{name!r} is registered twice")
+        registry[name] = fn
+        return fn
+
+    return decorator
+
+
+def _lookup(registry: dict[str, Callable], kind: str, name: str) -> Callable:
+    if name not in registry:
+        raise KeyError(f"unknown {kind} {name!r}; known: {sorted(registry)}")
+    return registry[name]
+
+
+def register_advantage(name: str):
+    return _register(ADVANTAGE_ESTIMATORS, name)
+
+
+def register_policy_loss(name: str):
+    return _register(POLICY_LOSSES, name)
+
+
+def register_kl(name: str):
+    return _register(KL_PENALTIES, name)
+
+
+def register_aggregation(name: str):
+    return _register(LOSS_AGGREGATIONS, name)
+
+
+def get_advantage_estimator(name: str) -> Callable:
+    return _lookup(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
+
+
+def get_policy_loss(name: str) -> Callable:
+    return _lookup(POLICY_LOSSES, "policy loss", name)
+
+
+def get_kl_penalty(name: str) -> Callable:
+    return _lookup(KL_PENALTIES, "KL penalty", name)
+
+
+def get_aggregation(name: str) -> Callable:
+    return _lookup(LOSS_AGGREGATIONS, "loss aggregation", name)
+
+
+# ----------------------------------------------------------------------------------------------- advantages
+
+
+def _group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):
+    """Per-sequence mean, unbiased std, and whether the sequence's group is constant (all rewards equal)."""
+    rewards = rewards.double()
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    counts = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(rewards))
+    sums = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, rewards)
+    means = sums / counts
+    squares = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, (rewards - means[inverse]) ** 2)
+    # Bessel-corrected like torch.std (verl); a group of one has no spread.
+    stds = torch.where(counts > 1, (squares / (counts - 1).clamp(min=1)).sqrt(), torch.zeros_like(squares))
+    lows = torch.full((groups,), float("inf"), dtype=torch.float64).scatter_reduce_(0, inverse, rewards, "amin")
+    highs = torch.full((groups,), float("-inf"), dtype=torch.float64).scatter_reduce_(0, inverse, rewards, "amax")
+    return means[inverse], stds[inverse], (lows == highs)[inverse]
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """(r − mean_group) / (std_group + eps); exactly 0 for constant groups (all-fail / all-pass: no signal)."""
+    means, stds, constant = _group_stats(rewards, group_ids)
+    advantages = (rewards.double() - means) / (stds + eps)
+    return torch.where(constant, torch.zeros_like(advantages), advantages).float()
+
+
+@register_advantage("grpo_no_std")
+def grpo_mean_centred_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """r − mean_group (Dr. GRPO): no division by the group std, so easy/hard groups are not up-weighted."""
+    means, _, constant = _group_stats(rewards, group_ids)
+    advantages = rewards.double() - means
+    return torch.where(constant, torch.zeros_like(advantages), advantages).float()
+
+
+# ---------------------------------------------------------------------------------------------- policy loss
+
+
+@register_policy_loss("ppo_clip")
+def ppo_clip_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO clipped surrogate with asymmetric ratio bounds [1 − clip_low, 1 + clip_high].
+
+    Returns (per-token loss, per-token 0/1 "the clip was active") — the latter is the clip fraction's numerator.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).to(logprobs.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- KL
+
+
+@register_kl("low_var_kl")
+def low_var_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(π‖π_ref): non-negative, unbiased, low variance (GRPO paper); clamped as verl."""
+    log_ratio = (ref_logprobs - logprobs).clamp(-20, 20)
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(-10, 10)
+
+
+@register_kl("k1")
+def k1_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    return logprobs - ref_logprobs
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+
+
+@register_aggregation("token-mean")
+def token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every response token of the global batch weighs the same (the paper's / DAPO's choice)."""
+    return (per_token * mask).sum(), mask.sum()
+
+
+@register_aggregation("seq-mean-token-mean")
+def seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over tokens within a sequence, then over sequences (original GRPO): normaliser = #sequences."""
+    lengths = mask.sum(dim=-1)
+    present = lengths > 0
+    per_sequence = (per_token * mask).sum(dim=-1) / lengths.clamp(min=1)
+    return per_sequence[present].sum(), present.sum().to(per_token.dtype)

@@ -1,0 +1,95 @@
+"""GRPO's advantage, clipped surrogate and aggregation against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from p2o_hpc.algo.core_algos import (
+    get_advantage_estimator,
+    get_aggregation,
+    get_policy_loss,
+    grpo_advantages,
+    low_var_kl,
+    ppo_clip_loss,
+    seq_mean_token_mean,
+    token_mean,
+)
+
+
+def test_grpo_advantages_by_hand():
+    # group 7: rewards 1,0,0,1 → mean 0.5, unbiased std sqrt(1/3); group 3: 1,0,0 → mean 1/3, std sqrt(1/3)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    groups = torch.tensor([7, 7, 7, 7, 3, 3, 3])
+    adv = grpo_advantages(rewards, groups, eps=0.0)
+    s = math.sqrt(1 / 3)
+    expected = [0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s, (2 / 3) / s, (-1 / 3) / s, (-1 / 3) / s]
+    assert adv.tolist() == pytest.approx(expected, rel=1e-6)
+    # eps enters the denominator
+    assert grpo_advantages(rewards, groups, eps=0.1)[0].item() == pytest.approx(0.5 / (s + 0.1), rel=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 0.3, 1e-7])
+def test_constant_groups_give_exactly_zero(value):
+    rewards = torch.tensor([value] * 6 + [1.0, 0.0])
+    groups = torch.tensor([0] * 6 + [1, 1])
+    for name in ("grpo", "grpo_no_std"):
+        adv = get_advantage_estimator(name)(rewards, groups)
+        assert torch.all(adv[:6] == 0.0), name  # exactly zero, not float noise and not NaN
+        assert torch.isfinite(adv).all()
+        assert adv[6] > 0 > adv[7]
+
+
+def test_single_sample_group_is_zero_not_nan():
+    adv = grpo_advantages(torch.tensor([1.0]), torch.tensor([0]))
+    assert adv.tolist() == [0.0]
+
+
+def test_grpo_no_std_is_mean_centred():
+    adv = get_advantage_estimator("grpo_no_std")(torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.tensor([0, 0, 0, 0]))
+    assert adv.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
+
+
+def test_ppo_clip_both_sides():
+    old = torch.zeros(6)
+    # ratios: 1.5, 0.5, 1.1, 1.5, 0.5, 0.9
+    new = torch.log(torch.tensor([1.5, 0.5, 1.1, 1.5, 0.5, 0.9]))
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    loss, clipped = ppo_clip_loss(new, old, adv, clip_low=0.2, clip_high=0.28)
+    # A>0: min(r, clip(r)) → 1.28 (clipped high), 0.5 (ratio below 0.8 is NOT clipped for A>0), 1.1
+    # A<0: -max... loss = max(-A r, -A clip(r)) = max(r, clip(r)): 1.5 (not clipped), 0.8 (clipped low), 0.9
+    assert loss.tolist() == pytest.approx([-1.28, -0.5, -1.1, 1.5, 0.8, 0.9], rel=1e-6)
+    assert clipped.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_ppo_gradient_vanishes_when_clipped_and_has_right_sign():
+    new = torch.log(torch.tensor([1.5, 1.0])).requires_grad_()
+    loss, _ = ppo_clip_loss(new, torch.zeros(2), torch.tensor([1.0, 1.0]), clip_low=0.2, clip_high=0.2)
+    loss.sum().backward()
+    assert new.grad[0].item() == 0.0  # clipped: no push beyond 1 + clip_high
+    assert new.grad[1].item() < 0  # descent raises the log-prob of a positive-advantage token
+
+
+def test_token_mean_and_sequence_mean_masking():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 100.0, 100.0, 100.0], [100.0] * 4])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0] * 4])
+    summed, count = token_mean(per_token, mask)
+    assert (summed.item(), count.item()) == (10.0, 4.0)  # (1+2+3+4) over 4 tokens: masked 100s never count
+    summed, count = seq_mean_token_mean(per_token, mask)
+    assert (summed.item(), count.item()) == (6.0, 2.0)  # mean(1,2,3)=2 plus 4; an all-masked row is no sequence
+    assert get_aggregation("token-mean") is token_mean
+
+
+def test_low_var_kl_is_zero_at_equality_and_positive_otherwise():
+    lp = torch.tensor([-1.0, -2.0])
+    assert low_var_kl(lp, lp).tolist() == [0.0, 0.0]
+    ref = torch.tensor([-1.5, -1.0])
+    expected = [math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1.0 - 1]
+    assert low_var_kl(lp, ref).tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(KeyError, match="ppo_clip"):
+        get_policy_loss("ppo")
+    with pytest.raises(KeyError, match="grpo"):
+        get_advantage_estimator("gae")
