@@ -41,8 +41,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(learner: Learner, root: str | Path) -> Path:
-    """Collective. Returns the final folder ``root/step_<step>``."""
+def save_checkpoint(learner: Learner, root: str | Path, *, rank_state: dict | None = None, keep: int | None = None) -> Path:
+    """Collective. Returns the final folder ``root/step_<step>``.
+
+    `rank_state`: this rank's non-tensor-parallel state (RNG states, data position, …), saved inside the same
+    atomic folder as ``rank_<r>.pt``. `keep`: delete all but the newest `keep` complete checkpoints afterwards.
+    """
     root = Path(root)
     final = root / f"step_{learner.step}"
     staging = root / f".step_{learner.step}.tmp"
@@ -52,6 +56,11 @@ def save_checkpoint(learner: Learner, root: str | Path) -> Path:
         staging.mkdir()
     dist.barrier()
     dist_checkpointing.save(_sharded_state(learner, is_loading=False, with_optimizer=True), str(staging))
+    if rank_state is not None:
+        with open(staging / f"rank_{dist.get_rank()}.pt", "wb") as handle:
+            torch.save(rank_state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
     dist.barrier()
     if dist.get_rank() == 0:
         marker = staging / COMPLETE_MARKER
@@ -63,21 +72,38 @@ def save_checkpoint(learner: Learner, root: str | Path) -> Path:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         _fsync_dir(root)
+        if keep is not None:
+            for old in complete_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under root; incomplete or temporary folders are ignored."""
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first; incomplete or temporary folders are ignored."""
     root = Path(root)
     if not root.is_dir():
-        return None
-    complete = [
-        (int(match.group(1)), path)
-        for path in root.iterdir()
-        if (match := _STEP_DIR.match(path.name)) and (path / COMPLETE_MARKER).exists()
+        return []
+    return [
+        path
+        for _, path in sorted(
+            (int(match.group(1)), path)
+            for path in root.iterdir()
+            if (match := _STEP_DIR.match(path.name)) and (path / COMPLETE_MARKER).exists()
+        )
     ]
-    return max(complete)[1] if complete else None
+
+
+def load_rank_state(checkpoint: str | Path) -> dict | None:
+    """This rank's `rank_state` from `save_checkpoint`, or None if it was saved without one."""
+    path = Path(checkpoint) / f"rank_{dist.get_rank()}.pt"
+    return torch.load(path, weights_only=False) if path.exists() else None
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under root; incomplete or temporary folders are ignored."""
+    complete = complete_checkpoints(root)
+    return complete[-1] if complete else None
 
 
 def load_checkpoint(learner: Learner, checkpoint: str | Path, *, with_optimizer: bool = True) -> None:

@@ -1,0 +1,165 @@
+"""The run's configuration as Hydra structured configs: typed, validated at compose time, one group per concern.
+
+Defaults are the paper's setup (Qwen3-4B, K=6, T=0.6, lr 1e-6, 128 prompts per step, mini-batch 64, no KL,
+5 epochs); `conf/` holds the YAML groups and presets (`experiment=smoke` is the CPU one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    # HF folder or hub name; "tiny" builds the project's tiny Qwen3 (CPU runs and tests).
+    path: str = "Qwen/Qwen3-4B"
+    params_dtype: str = "bf16"  # fp32 | bf16 | fp16
+
+
+@dataclass
+class DataConfig:
+    # A name from p2o_hpc.data.datasets.DATASETS, a .json/.jsonl path, or "hf:<dataset name>".
+    train: str = "deepscaler_partial"
+    recipe: Optional[str] = "deepscaler"  # deepscaler | deepmath | null (use all rows)
+    recipe_seed: int = 42
+    holdout: int = 500
+    take: int = 5000
+    limit: Optional[int] = None  # first N problems after the recipe (smoke runs)
+    template: str = "Let's think step by step and output the final answer within \\boxed{}.\nQuestion: {problem}"
+    max_prompt_tokens: int = 1024  # longer prompts are an error naming the problem id
+
+
+@dataclass
+class HardMiningConfig:
+    # A prompt is hard when its success rate over K rollouts is < threshold; null → "all K failed".
+    threshold: Optional[float] = None
+    near_hard: bool = False  # also prompts with exactly one success (as the authors' code does)
+    failed_responses: int = 3  # failed responses kept per hard prompt, for GEPA's reflection
+    max_response_chars: int = 4000
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"
+    n_samples: int = 6  # K rollouts per prompt
+    prompts_per_step: int = 128
+    mini_batch_prompts: int = 64  # one optimizer step per mini-batch
+    micro_batch_size: int = 4  # sequences per forward/backward on one DP rank
+    epochs: int = 5
+    max_steps: Optional[int] = None  # stop early (smoke runs, tests)
+    advantage: str = "grpo"
+    adv_eps: float = 1e-6
+    policy_loss: str = "ppo_clip"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean
+    kl_coef: float = 0.0  # the paper trains without KL
+    kl_penalty: str = "low_var_kl"
+    one_step_off_policy: bool = False  # generate batch t+1 with weights from step t, overlapped with training
+    reward: str = "math_verify"  # math_verify | <registered reward name>
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    lr_decay_style: str = "constant"
+    hard: HardMiningConfig = field(default_factory=HardMiningConfig)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1  # world size = tensor × pipeline × data
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "vllm"
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_response_tokens: int = 12288  # the paper's 12k
+    dtype: str = "auto"  # vLLM dtype; "auto" follows model.params_dtype
+    gpu_memory_utilization: float = 0.5
+    enable_sleep_mode: bool = True  # GPU only: release vLLM memory while the learner trains
+    weight_sync_bucket_mb: int = 512
+    refit_check_every: int = 10  # steps; 0 disables
+    refit_check_sequences: int = 4
+    refit_tolerance: float = 0.05  # max |logprob gap| allowed before the run stops
+    sync_weights: bool = True  # debugging only: false leaves the generator on stale weights (the refit check fails)
+    seed: int = 0
+
+
+@dataclass
+class RewardConfig:
+    workers: int = 2
+    timeout_s: float = 10.0
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "p2o_hpc"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 1234
+    save_every: int = 50  # steps; checkpoints also at every epoch end
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the run dir's latest complete checkpoint
+    # Generation of a long batch happens while other ranks wait in a collective: the timeout must exceed it.
+    collective_timeout_s: float = 3600.0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run_dir: Optional[str] = None  # default: Hydra's output dir
+
+
+def register_configs() -> None:
+    """conf/config.yaml starts its defaults list with `run_schema`: every YAML key is type-checked against it."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig | dict) -> RunConfig:
+    """A typed RunConfig (validated against the schema) from Hydra's DictConfig or a plain dict."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))
+
+
+def validate(cfg: RunConfig) -> None:
+    """Errors that would otherwise surface minutes later inside a worker, named by their config key."""
+    algo = cfg.algorithm
+    dp = cfg.parallel.data
+    checks = [
+        (algo.n_samples >= 2, "algorithm.n_samples must be ≥ 2 (a group of one has no advantage)"),
+        (algo.prompts_per_step % algo.mini_batch_prompts == 0,
+         f"algorithm.prompts_per_step={algo.prompts_per_step} must be a multiple of "
+         f"algorithm.mini_batch_prompts={algo.mini_batch_prompts}"),
+        ((algo.mini_batch_prompts * algo.n_samples) % (dp * algo.micro_batch_size) == 0,
+         f"a mini-batch of {algo.mini_batch_prompts}×{algo.n_samples} sequences must split into "
+         f"parallel.data={dp} × algorithm.micro_batch_size={algo.micro_batch_size} evenly"),
+        (cfg.model.params_dtype in ("fp32", "bf16", "fp16"), "model.params_dtype must be fp32, bf16 or fp16"),
+        (algo.loss_agg in ("token-mean", "seq-mean-token-mean"),
+         "algorithm.loss_agg must be token-mean or seq-mean-token-mean"),
+        (cfg.trainer.wandb.mode in ("offline", "online", "disabled"),
+         "trainer.wandb.mode must be offline, online or disabled"),
+        (min(cfg.parallel.tensor, cfg.parallel.pipeline, dp) >= 1, "parallel.* sizes must be ≥ 1"),
+        (cfg.rollout.backend == "vllm", "rollout.backend: only 'vllm' is implemented"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

@@ -1,0 +1,411 @@
+"""The GRPO loop, run by every rank (SPMD, like megatron): one step is
+
+  weight sync → rollout (vLLM) → reward (math-verify) → advantage → old log-probs → PPO updates → metrics,
+
+with hard-sample mining per epoch and checkpoints that resume exactly. Engine-host ranks (local rank 0) run the
+generator and grader and share the rollouts with every rank; every rank then builds the same batch and takes
+its data-parallel share.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from rich.console import Console
+
+from p2o_hpc.algo.core_algos import get_advantage_estimator
+from p2o_hpc.algo.policy_loss import PolicyLossSettings, make_policy_loss_fn
+from p2o_hpc.config import RunConfig, to_run_config
+from p2o_hpc.data import DATASETS, HF_DATASETS, Problem, PromptLoader, deepmath_recipe, deepscaler_recipe, load_named, load_problems
+from p2o_hpc.megatron.checkpointing import latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
+from p2o_hpc.megatron.distributed import init_megatron
+from p2o_hpc.megatron.forward import forward_collect, next_token_logprobs
+from p2o_hpc.megatron.hf_weights import export_hf_weights, load_hf_weights
+from p2o_hpc.megatron.model_provider import build_gpt_model, build_transformer_config, read_hf_architecture
+from p2o_hpc.megatron.training import OptimSettings, build_learner, train_step
+from p2o_hpc.trainer.hard_mining import HardSampleMiner
+from p2o_hpc.trainer.metrics import MetricsSink, PhaseTimer
+from p2o_hpc.trainer.rollout_batch import Rollout, group_ids, mini_batch_indices, rank_micro_batches, rewards_tensor
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Padding sits after each sequence's end and is masked out of the loss, so causal attention never lets it touch a
+# trained position; any in-vocabulary id works.
+PAD_ID = 0
+
+
+class RefitCheckError(RuntimeError):
+    """The generator's log-probs disagree with the learner's on the same tokens: weights are out of sync."""
+
+
+def training_problems(data_cfg) -> list[Problem]:
+    """The configured training set after the paper's subset recipe (and an optional limit for smoke runs)."""
+    if data_cfg.train in DATASETS or data_cfg.train in HF_DATASETS:
+        problems = load_named(data_cfg.train)
+    else:
+        problems = load_problems(data_cfg.train)
+    if data_cfg.recipe == "deepscaler":
+        problems = deepscaler_recipe(problems, seed=data_cfg.recipe_seed, holdout=data_cfg.holdout, take=data_cfg.take).train
+    elif data_cfg.recipe == "deepmath":
+        problems = deepmath_recipe(problems, seed=data_cfg.recipe_seed, holdout=data_cfg.holdout, take=data_cfg.take).train
+    elif data_cfg.recipe is not None:
+        raise ValueError(f"data.recipe={data_cfg.recipe!r}: expected deepscaler, deepmath or null")
+    return problems[: data_cfg.limit] if data_cfg.limit else problems
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path, model_dir: str):
+        self.cfg, self.run_dir, self.model_dir = cfg, run_dir, model_dir
+        algo = cfg.algorithm
+        init_megatron(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.trainer.seed,
+                      timeout_s=cfg.trainer.collective_timeout_s)
+        self.rank = dist.get_rank()
+        self.console = Console(stderr=False) if self.rank == 0 else None
+        self.arch = read_hf_architecture(model_dir)
+        self.problems = training_problems(cfg.data)
+        self.loader = PromptLoader(self.problems, algo.prompts_per_step, seed=cfg.trainer.seed)
+        steps = algo.epochs * self.loader.steps_per_epoch
+        self.total_steps = min(steps, algo.max_steps) if algo.max_steps else steps
+        self.mini_batches_per_step = algo.prompts_per_step // algo.mini_batch_prompts
+        dtype = DTYPES[cfg.model.params_dtype]
+        self.learner = build_learner(self.arch, model_dir, OptimSettings(
+            lr=algo.lr, weight_decay=algo.weight_decay, clip_grad=algo.clip_grad, warmup_steps=algo.warmup_steps,
+            decay_style=algo.lr_decay_style, total_steps=self.total_steps * self.mini_batches_per_step,
+        ), dtype)
+        self.reference = self._build_reference(dtype) if algo.kl_coef > 0 else None
+        self.loss_fn = make_policy_loss_fn(self.arch.vocab_size, PolicyLossSettings(
+            policy_loss=algo.policy_loss, clip_low=algo.clip_low, clip_high=algo.clip_high, loss_agg=algo.loss_agg,
+            kl_coef=algo.kl_coef, kl_penalty=algo.kl_penalty,
+        ))
+        self.advantage_fn = get_advantage_estimator(algo.advantage)
+        self.miner = HardSampleMiner(threshold=algo.hard.threshold, near_hard=algo.hard.near_hard,
+                                     failed_responses=algo.hard.failed_responses,
+                                     max_response_chars=algo.hard.max_response_chars)
+        self.step = 0
+        self.pending: dict | None = None  # one-step off-policy: the next step's rollouts, generated ahead
+        self._resume()
+
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        flags = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, local_rank == 0)
+        self.host_ranks = [rank for rank, is_host in enumerate(flags) if is_host]
+        self.worker = self._start_rollout_worker() if local_rank == 0 else None
+        self.prefetch = ThreadPoolExecutor(1) if algo.one_step_off_policy and self.worker else None
+        self.sink = None
+        if self.rank == 0:
+            wandb_cfg = cfg.trainer.wandb
+            self.sink = MetricsSink(run_dir, wandb_mode=wandb_cfg.mode, project=wandb_cfg.project,
+                                    entity=wandb_cfg.entity, name=wandb_cfg.name, config=asdict(cfg))
+            self.sink.truncate_after(self.step)
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def _build_reference(self, dtype):
+        """The frozen initial policy for the (optional) KL term."""
+        config = build_transformer_config(self.arch, params_dtype=dtype)
+        model = build_gpt_model(self.arch, config)
+        load_hf_weights(model, self.model_dir, self.arch)
+        model.requires_grad_(False)
+        return model
+
+    def _start_rollout_worker(self):
+        from p2o_hpc.rollout.rollout_worker import RolloutWorker
+
+        cfg = self.cfg
+        dtype = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else VLLM_DTYPES[cfg.model.params_dtype]
+        return RolloutWorker(
+            self.model_dir, template=cfg.data.template, max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_response_tokens=cfg.rollout.max_response_tokens, dtype=dtype, seed=cfg.rollout.seed,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            enable_sleep_mode=cfg.rollout.enable_sleep_mode, reward=cfg.algorithm.reward,
+            reward_workers=cfg.reward.workers, reward_timeout_s=cfg.reward.timeout_s,
+        )
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _resume(self) -> None:
+        checkpoint = latest_checkpoint(self.checkpoint_root) if self.cfg.trainer.resume else None
+        if checkpoint is None:
+            return
+        load_checkpoint(self.learner, checkpoint)
+        state = load_rank_state(checkpoint)
+        if state is None:
+            raise FileNotFoundError(f"{checkpoint}: no rank_{self.rank}.pt trainer state (not a trainer checkpoint)")
+        self.step = state["step"]
+        self.loader.load_state_dict(state["loader"])
+        self.miner.load_state_dict(state["miner"])
+        self.pending = state["pending"]
+        set_rng_state(state["rng"])
+        if self.rank == 0:
+            self.console.print(f"resumed from {checkpoint} at step {self.step}")
+
+    def _save(self) -> None:
+        state = {"step": self.step, "loader": self.loader.state_dict(), "miner": self.miner.state_dict(),
+                 "pending": self.pending, "rng": rng_state()}
+        save_checkpoint(self.learner, self.checkpoint_root, rank_state=state, keep=self.cfg.trainer.keep_checkpoints)
+
+    # ------------------------------------------------------------------------------------------ rollout side
+
+    def _sampling(self, step: int):
+        from p2o_hpc.rollout.generator import SamplingSettings
+
+        rollout = self.cfg.rollout
+        return SamplingSettings(n=self.cfg.algorithm.n_samples, temperature=rollout.temperature, top_p=rollout.top_p,
+                                max_tokens=rollout.max_response_tokens, seed=rollout.seed * 1_000_003 + step,
+                                logprobs=True)
+
+    def _sync_weights(self) -> None:
+        """Collective: every rank takes part in the export; hosts hand the buckets to their generator."""
+        buckets = export_hf_weights(self.learner.model, self.arch,
+                                    bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 1024**2)
+        if self.worker is not None and self.cfg.rollout.sync_weights:
+            self.worker.update_weights(buckets)
+        else:
+            for _ in buckets:
+                pass
+
+    def _host_rollouts(self, problems: list[Problem], step: int) -> dict:
+        """On a host: generate and grade this host's share of the prompts (timed)."""
+        share = len(problems) / len(self.host_ranks)
+        index = self.host_ranks.index(self.rank)
+        start, stop = round(index * share), round((index + 1) * share)
+        started = time.perf_counter()
+        rollouts = self.worker.generate(problems[start:stop], start, self._sampling(step))
+        generated = time.perf_counter()
+        self.worker.score(rollouts, [problems[r.prompt_index].answer for r in rollouts])
+        return {"rollouts": rollouts, "generate_s": generated - started, "reward_s": time.perf_counter() - generated}
+
+    def _gather_rollouts(self, host_result: dict | None) -> dict:
+        """Collective: every rank receives all hosts' rollouts, prompt-major."""
+        results = [None] * dist.get_world_size()
+        dist.all_gather_object(results, host_result)
+        parts = [results[rank] for rank in self.host_ranks]
+        return {
+            "rollouts": [rollout for part in parts for rollout in part["rollouts"]],
+            "generate_s": max(part["generate_s"] for part in parts),
+            "reward_s": max(part["reward_s"] for part in parts),
+        }
+
+    def _next_problems(self) -> dict:
+        problems = self.loader.next_batch()
+        return {"problems": problems, "epoch_finished": self.loader.epoch_finished,
+                "epoch": self.loader.epoch - 1 if self.loader.epoch_finished else self.loader.epoch}
+
+    # ------------------------------------------------------------------------------------------ learner side
+
+    def _collect_logprobs(self, model, micro_batches: list[dict], key: str) -> None:
+        """Attach `key` = the model's next-token log-probs to each micro-batch (on the last pipeline stage)."""
+        results = forward_collect(
+            model, micro_batches,
+            lambda batch, logits: {"logprobs": next_token_logprobs(logits, batch["input_ids"], self.arch.vocab_size)},
+        )
+        for batch, result in zip(micro_batches, results):
+            batch[key] = result["logprobs"]
+
+    def _refit_check(self, rollouts: list[Rollout], micro_batches: list[dict]) -> dict:
+        """Collective: the generator's and the learner's log-probs of the same response tokens, which must agree."""
+        count = min(self.cfg.rollout.refit_check_sequences, len(rollouts))
+        mine = {}
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0:
+            for batch in micro_batches:
+                for row, index in enumerate(batch["rollout_index"].tolist()):
+                    if index < count:
+                        start = len(rollouts[index].prompt_ids) - 1
+                        stop = len(rollouts[index].sequence) - 1
+                        mine[index] = batch["old_logprobs"][row, start:stop].tolist()
+        learner_parts = [None] * dist.get_world_size()
+        dist.all_gather_object(learner_parts, mine)
+        verdict = [None]
+        if self.rank == 0:
+            learner = {index: values for part in learner_parts for index, values in part.items()}
+            engine = self.worker.prompt_logprobs([rollouts[i].sequence for i in range(count)])
+            gaps = []
+            for index in range(count):
+                prompt_len = len(rollouts[index].prompt_ids)
+                engine_response = engine[index][prompt_len:]
+                gaps.extend(abs(a - b) for a, b in zip(engine_response, learner[index]))
+            verdict[0] = {"rollout/logprob_gap_mean": float(np.mean(gaps)) if gaps else 0.0,
+                          "rollout/logprob_gap_max": float(np.max(gaps)) if gaps else 0.0}
+        dist.broadcast_object_list(verdict, src=0)
+        gap = verdict[0]["rollout/logprob_gap_max"]
+        if not gap <= self.cfg.rollout.refit_tolerance:  # NaN fails too
+            raise RefitCheckError(
+                f"step {self.step}: max |generator − learner| log-prob gap {gap:.4g} > rollout.refit_tolerance="
+                f"{self.cfg.rollout.refit_tolerance}: the generator is not running the learner's weights"
+            )
+        return verdict[0]
+
+    # ------------------------------------------------------------------------------------------------ loop
+
+    def fit(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.description}"), console=self.console, disable=self.rank != 0)
+        try:
+            with progress:
+                task = progress.add_task("", total=self.total_steps, completed=self.step)
+                while self.step < self.total_steps:
+                    metrics = self.train_one_step()
+                    progress.update(task, advance=1, description=(
+                        f"reward {metrics['reward/mean']:.3f} loss {metrics['actor/loss']:+.4f} "
+                        f"{metrics['time/step']:.1f}s/step"))
+        finally:
+            self.close()
+
+    def train_one_step(self) -> dict:
+        cfg, algo = self.cfg, self.cfg.algorithm
+        timer = PhaseTimer()
+        step_started = time.perf_counter()
+        with timer.phase("weight_sync"):
+            self._sync_weights()
+
+        if self.pending is None:  # on-policy, or the first off-policy step
+            batch = self._next_problems()
+            host = self._host_rollouts(batch["problems"], self.step) if self.worker else None
+            with timer.phase("rollout_wait"):
+                gathered = self._gather_rollouts(host)
+            batch.update(gathered)
+        else:
+            batch, self.pending = self.pending, None
+        rollouts: list[Rollout] = batch["rollouts"]
+        problems: list[Problem] = batch["problems"]
+
+        advantages = self.advantage_fn(rewards_tensor(rollouts), group_ids(rollouts), eps=algo.adv_eps)
+        dp_size = parallel_state.get_data_parallel_world_size()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        mini_batches = [
+            rank_micro_batches(rollouts, advantages, indices, dp_rank=dp_rank, dp_size=dp_size,
+                               micro_batch_size=algo.micro_batch_size, pad_id=PAD_ID)
+            for indices in mini_batch_indices(len(problems), algo.n_samples, algo.mini_batch_prompts)
+        ]
+        all_micro_batches = [mb for mini in mini_batches for mb in mini]
+        with timer.phase("logprob"):
+            self._collect_logprobs(self.learner.model, all_micro_batches, "old_logprobs")
+            if self.reference is not None:
+                self._collect_logprobs(self.reference, all_micro_batches, "ref_logprobs")
+        refit = {}
+        every = cfg.rollout.refit_check_every
+        if every and self.step % every == 0:
+            with timer.phase("refit_check"):
+                refit = self._refit_check(rollouts, all_micro_batches)
+
+        future: Future | None = None
+        if algo.one_step_off_policy and self.step + 1 < self.total_steps:
+            upcoming = self._next_problems()  # generated with this step's weights while the learner updates
+            if self.prefetch is not None:
+                future = self.prefetch.submit(self._host_rollouts, upcoming["problems"], self.step + 1)
+
+        update_metrics = []
+        with timer.phase("update"):
+            for micro_batches in mini_batches:
+                update_metrics.append(train_step(self.learner, micro_batches, self.loss_fn))
+
+        if algo.one_step_off_policy and self.step + 1 < self.total_steps:
+            with timer.phase("rollout_wait"):
+                upcoming.update(self._gather_rollouts(future.result() if future else None))
+            self.pending = upcoming
+
+        metrics = self._step_metrics(batch, rollouts, advantages, update_metrics, timer, refit)
+        metrics["time/step"] = time.perf_counter() - step_started
+        self.step += 1
+        self._mine(batch, rollouts)
+        if batch["epoch_finished"]:
+            metrics.update(self._end_epoch(batch["epoch"]))
+        if self.sink is not None:
+            self.sink.log(metrics, self.step)
+        if self.step % cfg.trainer.save_every == 0 or batch["epoch_finished"] or self.step == self.total_steps:
+            self._save()
+        return metrics
+
+    def _mine(self, batch: dict, rollouts: list[Rollout]) -> None:
+        k = self.cfg.algorithm.n_samples
+        for i, problem in enumerate(batch["problems"]):
+            group = rollouts[i * k : (i + 1) * k]
+            self.miner.add(problem.id, problem.problem, problem.answer, [r.reward for r in group],
+                           [r.text for r in group])
+
+    def _end_epoch(self, epoch: int) -> dict:
+        size = len(self.miner.hard_set())
+        if self.rank == 0:
+            path, size = self.miner.write(self.run_dir, epoch)
+            self.console.print(f"epoch {epoch}: {size} hard prompts → {path}")
+        self.miner.reset()
+        return {"epoch": epoch, "hard/size": size, "hard/fraction": size / max(1, len(self.problems))}
+
+    def _step_metrics(self, batch, rollouts, advantages, update_metrics, timer, refit) -> dict:
+        k = self.cfg.algorithm.n_samples
+        rewards = rewards_tensor(rollouts)
+        grouped = rewards.view(-1, k)
+        constant = (grouped.max(dim=1).values == grouped.min(dim=1).values).float()
+        lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float32)
+        generated_tokens = float(lengths.sum())
+        train_tokens = float(sum(len(r.sequence) for r in rollouts))
+        seconds = dict(timer.seconds)
+        seconds["generate"] = batch["generate_s"]
+        seconds["reward"] = batch["reward_s"]
+        metrics = {
+            "epoch": batch["epoch"],
+            "reward/mean": float(rewards.mean()),
+            "reward/all_fail_frac": float((grouped.max(dim=1).values <= 0).float().mean()),
+            "advantage/zero_group_frac": float(constant.mean()),
+            "advantage/abs_mean": float(advantages.abs().mean()),
+            "response/length_mean": float(lengths.mean()),
+            "response/length_max": float(lengths.max()),
+            "response/truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
+            "actor/loss": float(np.mean([m["loss"] for m in update_metrics])),
+            "actor/clip_frac": float(np.mean([m.get("clip_frac", 0.0) for m in update_metrics])),
+            "actor/grad_norm": float(np.mean([m["grad_norm"] for m in update_metrics])),
+            "actor/lr": update_metrics[-1]["lr"],
+            "actor/updates_skipped": sum(not m["update_ok"] for m in update_metrics),
+            "perf/gen_tokens_per_s": generated_tokens / max(batch["generate_s"], 1e-9),
+            "perf/train_tokens_per_s": train_tokens / max(seconds["update"], 1e-9),
+            **{f"time/{name}": value for name, value in seconds.items()},
+            **refit,
+        }
+        if self.cfg.algorithm.kl_coef > 0:
+            metrics["actor/kl"] = float(np.mean([m["kl"] for m in update_metrics]))
+        return metrics
+
+    def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.shutdown(wait=True)
+        if self.worker is not None:
+            self.worker.close()
+        if self.sink is not None:
+            self.sink.close()
+
+
+def run_worker(cfg_dict: dict, run_dir: str, model_dir: str) -> None:
+    """Entry point of one learner rank (spawned locally by `launch`, or started by srun on a cluster)."""
+    GRPOTrainer(to_run_config(cfg_dict), Path(run_dir), model_dir).fit()

@@ -1,0 +1,74 @@
+"""Hard-sample mining: prompts whose K rollouts (almost) all failed give GRPO no gradient; P²O optimises
+templates for them. Each epoch's hard set goes to ``<run_dir>/hard_sets/epoch_<e>.jsonl`` for the GEPA service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from p2o_hpc.io_utils import atomic_write_jsonl
+
+
+@dataclass
+class PromptRecord:
+    prompt_id: str
+    problem: str
+    ground_truth: str
+    rewards: list[float] = field(default_factory=list)
+    failed_responses: list[str] = field(default_factory=list)
+
+
+def is_hard(rewards: list[float], *, threshold: float | None, near_hard: bool) -> bool:
+    """threshold None → all K failed; else success rate < threshold. near_hard adds exactly-one-success prompts."""
+    successes = sum(1 for reward in rewards if reward > 0)
+    rate = successes / len(rewards)
+    hard = successes == 0 if threshold is None else rate < threshold
+    return hard or (near_hard and successes == 1)
+
+
+class HardSampleMiner:
+    """Collects every prompt's rewards over an epoch (a prompt seen twice pools its rollouts)."""
+
+    def __init__(self, *, threshold: float | None, near_hard: bool, failed_responses: int, max_response_chars: int):
+        self.threshold = threshold
+        self.near_hard = near_hard
+        self.failed_responses = failed_responses
+        self.max_response_chars = max_response_chars
+        self.records: dict[str, PromptRecord] = {}
+
+    def add(self, prompt_id: str, problem: str, ground_truth: str, rewards: list[float], responses: list[str]) -> None:
+        record = self.records.setdefault(prompt_id, PromptRecord(prompt_id, problem, ground_truth))
+        record.rewards.extend(float(r) for r in rewards)
+        for reward, response in zip(rewards, responses):
+            if reward <= 0 and len(record.failed_responses) < self.failed_responses:
+                record.failed_responses.append(response[: self.max_response_chars])
+
+    def hard_set(self) -> list[dict]:
+        return [
+            {
+                "prompt_id": record.prompt_id,
+                "prompt": record.problem,
+                "ground_truth": record.ground_truth,
+                "rewards": record.rewards,
+                "success_rate": sum(r > 0 for r in record.rewards) / len(record.rewards),
+                "failed_responses": record.failed_responses,
+            }
+            for record in self.records.values()
+            if is_hard(record.rewards, threshold=self.threshold, near_hard=self.near_hard)
+        ]
+
+    def write(self, run_dir: str | Path, epoch: int) -> tuple[Path, int]:
+        """Atomically writes the epoch's hard set; returns (path, size)."""
+        rows = self.hard_set()
+        path = atomic_write_jsonl(Path(run_dir) / "hard_sets" / f"epoch_{epoch}.jsonl", rows)
+        return path, len(rows)
+
+    def reset(self) -> None:
+        self.records = {}
+
+    def state_dict(self) -> dict:
+        return {prompt_id: vars(record) for prompt_id, record in self.records.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.records = {prompt_id: PromptRecord(**record) for prompt_id, record in state.items()}

@@ -1,0 +1,71 @@
+"""Where step metrics go: ``<run_dir>/metrics.jsonl`` (always) and wandb (offline unless configured online).
+
+Only rank 0 logs. The API key, when online, comes from the environment (WANDB_API_KEY) and is never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from p2o_hpc.io_utils import atomic_write_text
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase of one step (generate / reward / logprob / update / weight_sync …)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class MetricsSink:
+    def __init__(self, run_dir: str | Path, *, wandb_mode: str, project: str, entity: str | None, name: str | None,
+                 config: dict):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._wandb = None
+        if wandb_mode != "disabled":
+            import wandb
+
+            # One wandb run per run dir, resumed with it (the id is kept next to the metrics).
+            id_file = Path(run_dir) / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            atomic_write_text(id_file, run_id)
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self._wandb = wandb.init(
+                mode=wandb_mode, project=project, entity=entity, name=name, id=run_id, resume="allow",
+                dir=str(run_dir), config=config,
+            )
+
+    def log(self, metrics: dict, step: int) -> None:
+        row = {"step": step, **metrics}
+        # Appended line by line: each line is one complete JSON record; a resumed run truncates what it redoes.
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows of steps after the checkpoint (they will be recomputed)."""
+        if not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["step"] <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,83 @@
+"""From completed rollouts to this rank's training micro-batches.
+
+Rollouts are ordered prompt-major (the K samples of prompt 0, then prompt 1, …). A step's prompts split into
+mini-batches (one optimizer step each); a mini-batch's sequences are dealt to the DP ranks round-robin and cut
+into micro-batches, each right-padded to its own longest sequence (megatron runs with variable sequence lengths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_index: int  # position of the prompt in the step's batch: the GRPO group
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float] | None  # the generator's own log-probs of response_ids
+    finish_reason: str
+    text: str
+    reward: float = 0.0
+
+    @property
+    def sequence(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+
+def group_ids(rollouts: list[Rollout]) -> torch.Tensor:
+    return torch.tensor([rollout.prompt_index for rollout in rollouts])
+
+
+def rewards_tensor(rollouts: list[Rollout]) -> torch.Tensor:
+    return torch.tensor([rollout.reward for rollout in rollouts], dtype=torch.float32)
+
+
+def mini_batch_indices(num_prompts: int, n_samples: int, prompts_per_mini_batch: int) -> list[list[int]]:
+    """Rollout indices of each mini-batch; whole groups stay together."""
+    per_mini = prompts_per_mini_batch * n_samples
+    total = num_prompts * n_samples
+    return [list(range(start, min(start + per_mini, total))) for start in range(0, total, per_mini)]
+
+
+def collate(rollouts: list[Rollout], indices: list[int], advantages: torch.Tensor, pad_id: int) -> dict:
+    """One right-padded micro-batch. `rollout_index` maps rows back to the step's rollouts."""
+    sequences = [rollouts[i].sequence for i in indices]
+    length = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(indices), length), dtype=torch.float32)
+    for row, i in enumerate(indices):
+        rollout = rollouts[i]
+        prompt_len, total = len(rollout.prompt_ids), len(rollout.sequence)
+        input_ids[row, :total] = torch.tensor(rollout.sequence)
+        response_mask[row, prompt_len:total] = 1.0
+    return {
+        "input_ids": input_ids,
+        "response_mask": response_mask,
+        "advantages": advantages[indices].float(),
+        "rollout_index": torch.tensor(indices),
+    }
+
+
+def rank_micro_batches(
+    rollouts: list[Rollout],
+    advantages: torch.Tensor,
+    mini_batch: list[int],
+    *,
+    dp_rank: int,
+    dp_size: int,
+    micro_batch_size: int,
+    pad_id: int,
+) -> list[dict]:
+    """This DP rank's micro-batches of one mini-batch (every TP/PP rank of the DP group builds the same ones)."""
+    mine = mini_batch[dp_rank::dp_size]
+    if len(mine) % micro_batch_size:
+        raise ValueError(
+            f"{len(mine)} sequences on DP rank {dp_rank} do not split into micro-batches of {micro_batch_size}"
+        )
+    return [
+        collate(rollouts, mine[start : start + micro_batch_size], advantages, pad_id)
+        for start in range(0, len(mine), micro_batch_size)
+    ]
