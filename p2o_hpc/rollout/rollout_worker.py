@@ -13,7 +13,10 @@ import torch
 from p2o_hpc.data import Problem, encode_prompt
 from p2o_hpc.trainer.rollout_batch import Rollout
 
-REWARDS = {"math_verify": "p2o_hpc.reward.math_verify_reward:strict_boxed_reward"}
+REWARDS = {
+    "math_verify": "p2o_hpc.reward.math_verify_reward:strict_boxed_reward",  # the paper's strict boxed reward
+    "early_substring": "p2o_hpc.reward.sanity:early_substring_reward",  # toy: end-to-end learning checks
+}
 
 
 def resolve_reward(name: str) -> Callable[[str, str], float]:
