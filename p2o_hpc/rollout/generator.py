@@ -210,6 +210,11 @@ class VLLMGenerator:
             logprobs_mode="raw_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
         )
+        if self.device == "cpu":
+            # vLLM-CPU crashes ("CPU Generator does not use offset") when a seeded request's prefill is
+            # split across engine steps: it rewinds the request's torch.Generator, which CPU generators
+            # cannot do. Whole prefills only, with a token budget that fits the longest sequence.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         if self.device == "cuda":
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
             if weight_transfer in ("ipc", "nccl"):
