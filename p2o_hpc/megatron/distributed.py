@@ -80,6 +80,21 @@ def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tup
         fn(*args)
     finally:
         shutdown()
+        _reap_children()
+
+
+def _reap_children(grace_s: float = 5.0) -> None:
+    """A rank that fails may leave helper processes (its vLLM child) running; multiprocessing would join those
+    non-daemon children before the rank exits, so the whole launch would hang instead of reporting the error.
+    A rank that ends normally has closed them already."""
+    children = mp.active_children()
+    for child in children:
+        child.join(timeout=grace_s / max(1, len(children)))
+        if child.is_alive():
+            child.terminate()
+            child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
 
 
 def launch_local(fn: Callable, world_size: int, *args) -> None:

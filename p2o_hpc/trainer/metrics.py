@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class MetricsSink:
 
             # One wandb run per run dir, resumed with it (the id is kept next to the metrics).
             id_file = Path(run_dir) / "wandb_run_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             atomic_write_text(id_file, run_id)
             os.environ.setdefault("WANDB_SILENT", "true")
             self._wandb = wandb.init(
