@@ -84,14 +84,12 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return [
-        path
-        for _, path in sorted(
-            (int(match.group(1)), path)
-            for path in root.iterdir()
-            if (match := _STEP_DIR.match(path.name)) and (path / COMPLETE_MARKER).exists()
-        )
-    ]
+    steps = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / COMPLETE_MARKER).exists():
+            steps.append((int(match.group(1)), path))
+    return [path for _, path in sorted(steps)]
 
 
 def load_rank_state(checkpoint: str | Path) -> dict | None:

@@ -117,14 +117,18 @@ class GRPOTrainer:
         flags = [None] * dist.get_world_size()
         dist.all_gather_object(flags, local_rank == 0)
         self.host_ranks = [rank for rank, is_host in enumerate(flags) if is_host]
-        self.worker = self._start_rollout_worker() if local_rank == 0 else None
-        self.prefetch = ThreadPoolExecutor(1) if algo.one_step_off_policy and self.worker else None
-        self.sink = None
-        if self.rank == 0:
-            wandb_cfg = cfg.trainer.wandb
-            self.sink = MetricsSink(run_dir, wandb_mode=wandb_cfg.mode, project=wandb_cfg.project,
-                                    entity=wandb_cfg.entity, name=wandb_cfg.name, config=asdict(cfg))
-            self.sink.truncate_after(self.step)
+        self.worker, self.prefetch, self.sink = None, None, None
+        try:
+            self.worker = self._start_rollout_worker() if local_rank == 0 else None
+            self.prefetch = ThreadPoolExecutor(1) if algo.one_step_off_policy and self.worker else None
+            if self.rank == 0:
+                wandb_cfg = cfg.trainer.wandb
+                self.sink = MetricsSink(run_dir, wandb_mode=wandb_cfg.mode, project=wandb_cfg.project,
+                                        entity=wandb_cfg.entity, name=wandb_cfg.name, config=asdict(cfg))
+                self.sink.truncate_after(self.step)
+        except BaseException:
+            self.close()  # a half-built trainer must not leave its vLLM child behind
+            raise
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -176,13 +180,14 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------ rollout side
 
-    def _sampling(self, step: int):
+    def _sampling(self, step: int, first_prompt: int):
+        """Seeds depend only on (step, prompt, sample), so a resumed run regenerates exactly what it would have."""
         from p2o_hpc.rollout.generator import SamplingSettings
 
-        rollout = self.cfg.rollout
-        return SamplingSettings(n=self.cfg.algorithm.n_samples, temperature=rollout.temperature, top_p=rollout.top_p,
-                                max_tokens=rollout.max_response_tokens, seed=rollout.seed * 1_000_003 + step,
-                                logprobs=True)
+        rollout, algo = self.cfg.rollout, self.cfg.algorithm
+        seed = rollout.seed * 1_000_003 + (step * algo.prompts_per_step + first_prompt) * algo.n_samples
+        return SamplingSettings(n=algo.n_samples, temperature=rollout.temperature, top_p=rollout.top_p,
+                                max_tokens=rollout.max_response_tokens, seed=seed, logprobs=True)
 
     def _sync_weights(self) -> None:
         """Collective: every rank takes part in the export; hosts hand the buckets to their generator."""
@@ -200,7 +205,7 @@ class GRPOTrainer:
         index = self.host_ranks.index(self.rank)
         start, stop = round(index * share), round((index + 1) * share)
         started = time.perf_counter()
-        rollouts = self.worker.generate(problems[start:stop], start, self._sampling(step))
+        rollouts = self.worker.generate(problems[start:stop], start, self._sampling(step, start))
         generated = time.perf_counter()
         self.worker.score(rollouts, [problems[r.prompt_index].answer for r in rollouts])
         return {"rollouts": rollouts, "generate_s": generated - started, "reward_s": time.perf_counter() - generated}
