@@ -113,6 +113,9 @@ class TrainerConfig:
     save_every: int = 50  # steps; checkpoints also at every epoch end
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the run dir's latest complete checkpoint
+    # End this job after that many steps, with a checkpoint, as if its allocation ran out; relaunching continues
+    # the same run (schedule and data order unchanged). For time-limited SLURM jobs and for resume tests.
+    stop_after_steps: Optional[int] = None
     # Generation of a long batch happens while other ranks wait in a collective: the timeout must exceed it.
     collective_timeout_s: float = 3600.0
     wandb: WandbConfig = field(default_factory=WandbConfig)

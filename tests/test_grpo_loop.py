@@ -97,21 +97,26 @@ def test_skipped_weight_sync_is_caught(tmp_path, sanity_data):
     assert "RefitCheckError" in result.stderr and "not running the learner's weights" in result.stderr
 
 
-def _final_weights(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+def _checkpoint_tensors(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a megatron dist checkpoint: the weights and the optimizer's moments."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out = tmp_path / f"{checkpoint.parent.parent.name}.pt"
     dcp_to_torch_save(checkpoint, out)
     state = torch.load(out, weights_only=False)
-    return {key: value for key, value in state.items() if key.startswith("model.") and torch.is_tensor(value)}
+    return {key: value for key, value in state.items() if torch.is_tensor(value)}
 
 
 def test_resume_equals_uninterrupted(tmp_path, sanity_data):
-    """3 steps straight vs 2 steps, a kill mid-checkpoint (debris left behind), resume, 1 step."""
+    """3 steps straight vs 2 steps, a kill mid-checkpoint (debris left behind), resume, 1 step.
+
+    One-step off-policy, so the checkpoint must also carry the batch already generated for step 3.
+    """
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = ["trainer.save_every=1", "algorithm.one_step_off_policy=true"]
     launch(straight, *sanity_overrides(sanity_data, 3), *extra)
-    launch(resumed, *sanity_overrides(sanity_data, 2), *extra)
+    launch(resumed, *sanity_overrides(sanity_data, 3), *extra, "trainer.stop_after_steps=2")
+    assert [row["step"] for row in metrics(resumed)] == [1, 2]
     # What a job killed while writing step 6's checkpoint leaves: a staging folder and no COMPLETE marker.
     (resumed / "checkpoints" / ".step_6.tmp").mkdir()
     (resumed / "checkpoints" / "step_6").mkdir()
@@ -122,8 +127,10 @@ def test_resume_equals_uninterrupted(tmp_path, sanity_data):
     assert [row["step"] for row in b] == [1, 2, 3]
     for key in ("reward/mean", "actor/loss", "actor/grad_norm", "actor/clip_frac", "response/length_mean"):
         assert b[2][key] == pytest.approx(a[2][key], rel=1e-5, abs=1e-7), key
-    weights_a = _final_weights(straight / "checkpoints" / "step_6", tmp_path)
-    weights_b = _final_weights(resumed / "checkpoints" / "step_6", tmp_path)
-    assert weights_a.keys() == weights_b.keys() and weights_a
+    weights_a = _checkpoint_tensors(straight / "checkpoints" / "step_6", tmp_path)
+    weights_b = _checkpoint_tensors(resumed / "checkpoints" / "step_6", tmp_path)
+    assert weights_a.keys() == weights_b.keys()
+    assert "embedding.word_embeddings.weight" in weights_a
+    assert any(key.startswith("optimizer.state.exp_avg_sq.") for key in weights_a)
     for key in weights_a:
         torch.testing.assert_close(weights_b[key], weights_a[key], rtol=0, atol=1e-6, msg=key)

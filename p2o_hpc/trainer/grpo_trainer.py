@@ -110,8 +110,11 @@ class GRPOTrainer:
                                      failed_responses=algo.hard.failed_responses,
                                      max_response_chars=algo.hard.max_response_chars)
         self.step = 0
+        self.stop_step = self.total_steps  # this job's last step (trainer.stop_after_steps), set once resumed
         self.pending: dict | None = None  # one-step off-policy: the next step's rollouts, generated ahead
         self._resume()
+        if cfg.trainer.stop_after_steps is not None:
+            self.stop_step = min(self.total_steps, self.step + cfg.trainer.stop_after_steps)
 
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         flags = [None] * dist.get_world_size()
@@ -280,7 +283,7 @@ class GRPOTrainer:
         try:
             with progress:
                 task = progress.add_task("", total=self.total_steps, completed=self.step)
-                while self.step < self.total_steps:
+                while self.step < self.stop_step:
                     metrics = self.train_one_step()
                     progress.update(task, advance=1, description=(
                         f"reward {metrics['reward/mean']:.3f} loss {metrics['actor/loss']:+.4f} "
@@ -349,7 +352,7 @@ class GRPOTrainer:
             metrics.update(self._end_epoch(batch["epoch"]))
         if self.sink is not None:
             self.sink.log(metrics, self.step)
-        if self.step % cfg.trainer.save_every == 0 or batch["epoch_finished"] or self.step == self.total_steps:
+        if self.step % cfg.trainer.save_every == 0 or batch["epoch_finished"] or self.step == self.stop_step:
             self._save()
         return metrics
 
