@@ -134,3 +134,10 @@ def test_resume_equals_uninterrupted(tmp_path, sanity_data):
     assert any(key.startswith("optimizer.state.exp_avg_sq.") for key in weights_a)
     for key in weights_a:
         torch.testing.assert_close(weights_b[key], weights_a[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_bad_input_fails_with_a_named_error_and_no_hang(tmp_path):
+    """A prompt too long for the configured budget stops the run with the problem and the key, not a hang."""
+    result = launch(tmp_path / "run", "experiment=smoke", "data.max_prompt_tokens=16", expect_ok=False, timeout=300)
+    assert result.returncode != 0
+    assert "data.max_prompt_tokens=16" in result.stderr and "math500" in result.stderr

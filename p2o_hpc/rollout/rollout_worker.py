@@ -95,6 +95,13 @@ class RolloutWorker:
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         return self.generator.prompt_logprobs(sequences)
 
+    def sleep(self) -> None:
+        """GPU sleep mode: hand vLLM's weights and KV cache memory to the colocated learner (no-op on CPU).
+
+        The generator wakes by itself: weights before the next update, the KV cache before generating.
+        """
+        self.generator.sleep()
+
     def close(self) -> None:
         self.generator.close()
         self.reward_pool.close()

@@ -213,6 +213,14 @@ class GRPOTrainer:
         self.worker.score(rollouts, [problems[r.prompt_index].answer for r in rollouts])
         return {"rollouts": rollouts, "generate_s": generated - started, "reward_s": time.perf_counter() - generated}
 
+    def _release_generator(self) -> None:
+        """Colocated on a GPU, vLLM sleeps while the learner computes log-probs and updates (no-op on CPU).
+
+        Not with one-step off-policy: there the generator is busy with the next batch during the update.
+        """
+        if self.worker is not None and self.cfg.rollout.enable_sleep_mode and not self.cfg.algorithm.one_step_off_policy:
+            self.worker.sleep()
+
     def _gather_rollouts(self, host_result: dict | None) -> dict:
         """Collective: every rank receives all hosts' rollouts, prompt-major."""
         results = [None] * dist.get_world_size()
@@ -301,6 +309,7 @@ class GRPOTrainer:
         if self.pending is None:  # on-policy, or the first off-policy step
             batch = self._next_problems()
             host = self._host_rollouts(batch["problems"], self.step) if self.worker else None
+            self._release_generator()
             with timer.phase("rollout_wait"):
                 gathered = self._gather_rollouts(host)
             batch.update(gathered)
@@ -327,6 +336,7 @@ class GRPOTrainer:
         if every and self.step % every == 0:
             with timer.phase("refit_check"):
                 refit = self._refit_check(rollouts, all_micro_batches)
+        self._release_generator()
 
         future: Future | None = None
         if algo.one_step_off_policy and self.step + 1 < self.total_steps:
