@@ -9,6 +9,16 @@ from pathlib import Path
 from typing import Iterable
 
 
+def _file_mode() -> int:
+    """What open() would give a new file: mkstemp's 0600 would hide run files from the rest of the group."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -23,6 +33,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
