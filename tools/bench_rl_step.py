@@ -3,7 +3,10 @@
     .venv/bin/python tools/bench_rl_step.py [--steps 5] [hydra overrides …]
 
 Goals on CPU: weight_sync/step ≤ 5 % and reward/step ≤ 5 %. The first step (engine warm-up, first compile
-of everything) is reported but left out of the averages.
+of everything) is reported but left out of the averages. The tiny model's responses almost never hold a
+``\boxed{}``, which grades in microseconds; so the same run also grades a step's worth of real MATH500
+solutions (right, wrong and box-less, as tools/bench_reward.py builds them) with the configured pool, and
+reports that time over the measured step too.
 """
 
 from __future__ import annotations
@@ -24,6 +27,29 @@ PHASES = ["weight_sync", "generate", "reward", "rollout_wait", "logprob", "refit
 GOAL = 0.05
 
 
+SETTINGS = {"prompts_per_step": 8, "n_samples": 6, "reward_workers": 2}
+
+
+def grade_real_step(items: int, samples_per_prompt: int) -> float:
+    """Median seconds for the reward pool to grade `items` realistic responses (after a warm-up batch)."""
+    import statistics
+    import time
+
+    from bench_reward import build_batch
+
+    from p2o_hpc.reward import RewardPool
+
+    with RewardPool(num_workers=SETTINGS["reward_workers"]) as pool:
+        pool.score(*build_batch(items, samples_per_prompt, seed=100)[:2])  # warm-up: workers up, parsers built
+        seconds = []
+        for seed in range(3):
+            responses, ground_truths, _ = build_batch(items, samples_per_prompt, seed=seed)
+            start = time.perf_counter()
+            pool.score(responses, ground_truths)
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
@@ -34,8 +60,10 @@ def main() -> int:
         run_dir = Path(tmp) / "run"
         command = [
             sys.executable, "-m", "p2o_hpc.launch", f"hydra.run.dir={run_dir}", "experiment=smoke",
-            "data.limit=64", "algorithm.prompts_per_step=8", "algorithm.mini_batch_prompts=4",
-            "algorithm.n_samples=6", "algorithm.micro_batch_size=4", f"algorithm.max_steps={args.steps}",
+            "data.limit=64", f"algorithm.prompts_per_step={SETTINGS['prompts_per_step']}",
+            "algorithm.mini_batch_prompts=4", f"algorithm.n_samples={SETTINGS['n_samples']}",
+            "algorithm.micro_batch_size=4", f"reward.workers={SETTINGS['reward_workers']}",
+            f"algorithm.max_steps={args.steps}",
             "rollout.max_response_tokens=256", "rollout.refit_check_every=0", "trainer.save_every=100000",
             "trainer.wandb.mode=disabled", *args.overrides,
         ]
@@ -48,6 +76,8 @@ def main() -> int:
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
     measured = rows[1:] or rows
+    items = SETTINGS["prompts_per_step"] * SETTINGS["n_samples"]
+    real_reward_s = grade_real_step(items, SETTINGS["n_samples"])
     table = Table(title=f"GRPO step time split (mean of steps 2–{len(rows)}; step 1 shown apart)")
     table.add_column("phase")
     table.add_column("step 1 s", justify="right")
@@ -67,6 +97,9 @@ def main() -> int:
     train_tps = sum(row["perf/train_tokens_per_s"] for row in measured) / len(measured)
     console.print(f"weight_sync/step={sync_ratio:.4f} (goal ≤ {GOAL}) {'OK' if sync_ratio <= GOAL else 'OVER'}")
     console.print(f"reward/step={reward_ratio:.4f} (goal ≤ {GOAL}) {'OK' if reward_ratio <= GOAL else 'OVER'}")
+    real_ratio = real_reward_s / step_s
+    console.print(f"real_grading/step={real_ratio:.4f} ({items} MATH500 solutions graded in {real_reward_s:.3f} s; "
+                  f"goal ≤ {GOAL}) {'OK' if real_ratio <= GOAL else 'OVER'}", soft_wrap=True)
     console.print(f"generation_tokens_per_s={gen_tps:.1f} train_tokens_per_s={train_tps:.1f}")
     console.print(f"response_length_mean={sum(r['response/length_mean'] for r in measured) / len(measured):.1f}")
     return 0
