@@ -76,6 +76,7 @@ def test_smoke_experiment(tmp_path, parallel):
     assert len(hard[0]["rewards"]) == 4 and hard[0]["failed_responses"]
     assert (run_dir / "checkpoints" / "step_4" / "COMPLETE").exists()  # 2 steps × 2 mini-batches
     assert (run_dir / "config.yaml").exists()
+    assert (run_dir / "plots" / "training.png").read_bytes().startswith(b"\x89PNG")
     assert any((run_dir / "wandb").glob("offline-run-*"))
 
 

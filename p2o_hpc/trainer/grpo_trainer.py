@@ -296,8 +296,19 @@ class GRPOTrainer:
                     progress.update(task, advance=1, description=(
                         f"reward {metrics['reward/mean']:.3f} loss {metrics['actor/loss']:+.4f} "
                         f"{metrics['time/step']:.1f}s/step"))
+            if self.rank == 0 and self.sink is not None:
+                self._report()
         finally:
             self.close()
+
+    def _report(self) -> None:
+        """Curves (plots/training.png) and a summary table; a plotting problem must not fail a finished run."""
+        from p2o_hpc.trainer.report import write_report
+
+        try:
+            write_report(self.run_dir, self.console)
+        except Exception as error:  # noqa: BLE001 - the run's results are already on disk
+            self.console.print(f"[yellow]warning:[/yellow] no training report: {type(error).__name__}: {error}")
 
     def train_one_step(self) -> dict:
         cfg, algo = self.cfg, self.cfg.algorithm

@@ -1,0 +1,134 @@
+"""A run's training curves as one PNG and its last step as a table, from ``metrics.jsonl`` alone.
+
+Written at the end of every run (rank 0) and on demand for a run still going or killed:
+
+    python -m p2o_hpc.trainer.report RUN_DIR        # → RUN_DIR/plots/training.png + a table on the terminal
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from p2o_hpc.io_utils import atomic_write_bytes
+
+# (title, metric keys drawn in that panel)
+PANELS = [
+    ("reward", ["reward/mean"]),
+    ("groups without signal", ["advantage/zero_group_frac", "reward/all_fail_frac"]),
+    ("response length (tokens)", ["response/length_mean", "response/length_max"]),
+    ("actor", ["actor/grad_norm", "actor/clip_frac"]),
+    ("throughput (tokens/s)", ["perf/gen_tokens_per_s", "perf/train_tokens_per_s"]),
+    ("generator vs learner log-prob gap", ["rollout/logprob_gap_max", "rollout/logprob_gap_mean"]),
+]
+TIME_PHASES = ["weight_sync", "generate", "reward", "rollout_wait", "logprob", "refit_check", "update"]
+TABLE_KEYS = ["reward/mean", "advantage/zero_group_frac", "response/length_mean", "actor/loss", "actor/clip_frac",
+              "actor/grad_norm", "actor/lr", "perf/gen_tokens_per_s", "perf/train_tokens_per_s", "time/step"]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Rows of metrics.jsonl; a line cut short by a kill mid-write is skipped, any other bad line is an error."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (has the run finished a step?)")
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break  # the last line of a killed run
+            raise ValueError(f"{path}:{number}: not JSON ({error})") from error
+    return rows
+
+
+def plot_training(rows: list[dict], out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in rows]
+    fig, axes = plt.subplots(3, 3, figsize=(15, 10), constrained_layout=True)
+    axes = axes.ravel()
+    for ax, (title, keys) in zip(axes, PANELS):
+        for key in keys:
+            points = [(row["step"], row[key]) for row in rows if key in row]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=key.split("/", 1)[1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    time_ax = axes[len(PANELS)]
+    bottom = [0.0] * len(rows)
+    for phase in TIME_PHASES:
+        values = [row.get(f"time/{phase}", 0.0) for row in rows]
+        if any(values):
+            time_ax.bar(steps, values, bottom=bottom, label=phase)
+            bottom = [b + v for b, v in zip(bottom, values)]
+    time_ax.set_title("step time split (s)")
+    time_ax.set_xlabel("step")
+    if time_ax.get_legend_handles_labels()[0]:
+        time_ax.legend(fontsize=8)
+    epoch_ax = axes[len(PANELS) + 1]
+    epochs = [(row["epoch"], row["hard/size"]) for row in rows if "hard/size" in row]
+    if epochs:
+        epoch_ax.bar([str(epoch) for epoch, _ in epochs], [size for _, size in epochs])
+    epoch_ax.set_title("hard set size per epoch")
+    epoch_ax.set_xlabel("epoch")
+    axes[-1].axis("off")
+    fig.suptitle(f"GRPO training, {len(rows)} steps")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return atomic_write_bytes(out, buffer.getvalue())
+
+
+def summary_table(rows: list[dict]) -> Table:
+    table = Table(title=f"step {rows[-1]['step']} (of {len(rows)} logged)")
+    table.add_column("metric")
+    table.add_column("last", justify="right")
+    table.add_column("mean over run", justify="right")
+    for key in TABLE_KEYS:
+        values = [row[key] for row in rows if key in row]
+        if values:
+            table.add_row(key, f"{values[-1]:.4g}", f"{sum(values) / len(values):.4g}")
+    return table
+
+
+def write_report(run_dir: str | Path, console: Console | None = None) -> Path:
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'}: empty")
+    path = plot_training(rows, Path(run_dir) / "plots" / "training.png")
+    if console is not None:
+        console.print(summary_table(rows))
+        console.print(f"curves → {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        write_report(args.run_dir, console)
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
