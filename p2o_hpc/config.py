@@ -43,6 +43,21 @@ class HardMiningConfig:
 
 
 @dataclass
+class P2OConfig:
+    """P²O on the learner side: rollouts of last epoch's hard prompts under their evolved templates."""
+
+    enabled: bool = False
+    # True: train on the original prompt x (context distillation); False: on x̃ (the "w/o CD" ablation).
+    context_distillation: bool = True
+    cd_mask: str = "hard"  # hard | soft | none: tokens whose π(y|x)/π(y|x̃) leaves [1 − low, 1 + high]
+    cd_clip_low: float = 0.99  # the authors' scripts: [0.01, 10]
+    cd_clip_high: float = 9.0
+    same_template_in_group: bool = False  # the paper's ablation: one template for all K rollouts of a prompt
+    keep_one_plain_rollout: bool = False  # one of the K rollouts on the original prompt
+    template_max_tokens: int = 512  # longer evolved templates are rejected (never sent to the model)
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = "grpo"
     n_samples: int = 6  # K rollouts per prompt
@@ -67,6 +82,7 @@ class AlgorithmConfig:
     warmup_steps: int = 0
     lr_decay_style: str = "constant"
     hard: HardMiningConfig = field(default_factory=HardMiningConfig)
+    p2o: P2OConfig = field(default_factory=P2OConfig)
 
 
 @dataclass
@@ -162,6 +178,8 @@ def validate(cfg: RunConfig) -> None:
          "trainer.wandb.mode must be offline, online or disabled"),
         (min(cfg.parallel.tensor, cfg.parallel.pipeline, dp) >= 1, "parallel.* sizes must be ≥ 1"),
         (cfg.rollout.backend == "vllm", "rollout.backend: only 'vllm' is implemented"),
+        (algo.p2o.cd_mask in ("hard", "soft", "none"), "algorithm.p2o.cd_mask must be hard, soft or none"),
+        (algo.p2o.template_max_tokens >= 1, "algorithm.p2o.template_max_tokens must be ≥ 1"),
     ]
     for ok, message in checks:
         if not ok:

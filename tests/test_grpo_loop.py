@@ -70,7 +70,7 @@ def test_smoke_experiment(tmp_path, parallel):
         assert row["rollout/logprob_gap_max"] < 0.05  # refit check ran every step and the sync held
         assert row["response/length_mean"] > 0
     assert rows[-1]["hard/size"] >= 1  # the tiny model solves nothing: every prompt is hard
-    hard = [json.loads(line) for line in (run_dir / "hard_sets" / "epoch_0.jsonl").read_text().splitlines()]
+    hard = [json.loads(line) for line in (run_dir / "epochs" / "0" / "hard_set.jsonl").read_text().splitlines()]
     assert len(hard) == rows[-1]["hard/size"]
     assert {"prompt_id", "prompt", "ground_truth", "rewards", "failed_responses"} <= set(hard[0])
     assert len(hard[0]["rewards"]) == 4 and hard[0]["failed_responses"]

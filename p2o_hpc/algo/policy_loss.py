@@ -4,7 +4,8 @@ then the registered policy loss, KL penalty and aggregation.
 Micro-batch keys (all right-padded to the micro-batch's longest sequence):
   input_ids [b, s]; response_mask [b, s] (1 where the token is a response token, i.e. a training target);
   old_logprobs [b, s-1] (behaviour log-probs aligned with next-token positions); advantages [b];
-  ref_logprobs [b, s-1] (only with a KL term).
+  ref_logprobs [b, s-1] (only with a KL term);
+  cd_weight [b, s-1] (P²O context distillation: per-token weights from the π(y|x)/π(y|x̃) ratio mask; absent = 1).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ class PolicyLossSettings:
 
 
 def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[b, s-1]: next-token positions whose target is a response token (prompt and padding never train)."""
-    return batch["response_mask"][:, 1:].float()
+    """[b, s-1]: next-token positions whose target is a response token (prompt and padding never train),
+    weighted by the context-distillation mask where there is one (a masked token leaves numerator and count)."""
+    mask = batch["response_mask"][:, 1:].float()
+    return mask * batch["cd_weight"].float() if "cd_weight" in batch else mask
 
 
 def make_policy_loss_fn(vocab_size: int, settings: PolicyLossSettings):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from p2o_hpc.p2o.templates import apply_template
+
 PLACEHOLDER = "{problem}"
 
 # The paper's user turn (no system message). The output contains a real "\boxed{}".
@@ -41,15 +43,17 @@ def render_prompt(
     *,
     system: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
+    p2o_template: str = "",
 ) -> str:
     """The full prompt text: one user message (optionally after a system message) through the tokenizer's
-    chat template, ending with the assistant generation prompt.
+    chat template, ending with the assistant generation prompt. `p2o_template` is an evolved P²O template,
+    put in front of the user turn (p2o_hpc.p2o.templates.apply_template); "" is the original prompt.
 
     chat_template_kwargs go to the template (e.g. {"enable_thinking": False} for Qwen3); templates that do
     not use a variable ignore it, so nothing is passed by default and the model's default behaviour holds.
     """
     messages = [{"role": "system", "content": system}] if system is not None else []
-    messages.append({"role": "user", "content": render_user_turn(problem, template)})
+    messages.append({"role": "user", "content": apply_template(render_user_turn(problem, template), p2o_template)})
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template")
     return tokenizer.apply_chat_template(
@@ -64,8 +68,10 @@ def encode_prompt(
     *,
     system: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
+    p2o_template: str = "",
 ) -> list[int]:
     """Token ids of render_prompt(...). add_special_tokens=False: the chat template already holds every
     special token, so a tokenizer that adds BOS would otherwise double it."""
-    text = render_prompt(tokenizer, problem, template, system=system, chat_template_kwargs=chat_template_kwargs)
+    text = render_prompt(tokenizer, problem, template, system=system, chat_template_kwargs=chat_template_kwargs,
+                         p2o_template=p2o_template)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

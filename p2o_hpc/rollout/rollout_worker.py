@@ -5,13 +5,18 @@ One host per node (local rank 0); the trainer splits each step's prompts across 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Callable, Iterable
 
 import torch
 
 from p2o_hpc.data import Problem, encode_prompt
+from p2o_hpc.p2o.templates import rejection_reason
 from p2o_hpc.trainer.rollout_batch import Rollout
+
+# Room for the separator between template and question, and for tokens merging across the join.
+TEMPLATE_SLACK_TOKENS = 8
 
 REWARDS = {
     "math_verify": "p2o_hpc.reward.math_verify_reward:strict_boxed_reward",  # the paper's strict boxed reward
@@ -37,7 +42,7 @@ def resolve_reward(name: str) -> Callable[[str, str], float]:
 class RolloutWorker:
     def __init__(self, model_dir: str, *, template: str, max_prompt_tokens: int, max_response_tokens: int,
                  dtype: str, seed: int, gpu_memory_utilization: float, enable_sleep_mode: bool,
-                 reward: str, reward_workers: int, reward_timeout_s: float):
+                 reward: str, reward_workers: int, reward_timeout_s: float, template_max_tokens: int = 0):
         from transformers import AutoTokenizer
 
         from p2o_hpc.reward.math_verify_reward import RewardPool
@@ -46,42 +51,84 @@ class RolloutWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.template = template
         self.max_prompt_tokens = max_prompt_tokens
+        self.template_max_tokens = template_max_tokens  # P²O templates; 0 when P²O is off
         self.reward_pool = RewardPool(reward_workers, timeout_s=reward_timeout_s, grader=resolve_reward(reward))
         self.generator = GeneratorProcess(
             model_dir,
             dtype=dtype,
-            max_model_len=max_prompt_tokens + max_response_tokens,
+            max_model_len=max_prompt_tokens + (template_max_tokens + TEMPLATE_SLACK_TOKENS if template_max_tokens else 0)
+            + max_response_tokens,
             seed=seed,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_sleep_mode=enable_sleep_mode and torch.cuda.is_available(),
         )
 
-    def encode(self, problems: list[Problem]) -> list[list[int]]:
-        encoded = [encode_prompt(self.tokenizer, problem.problem, self.template) for problem in problems]
-        for problem, ids in zip(problems, encoded):
-            if len(ids) > self.max_prompt_tokens:
+    def encode(self, problems: list[Problem], p2o_templates: list[str] | None = None) -> list[list[int]]:
+        """Prompt ids per problem, each under its P²O template ("" or None: the original prompt)."""
+        p2o_templates = p2o_templates or [""] * len(problems)
+        encoded = [encode_prompt(self.tokenizer, problem.problem, self.template, p2o_template=p2o_template)
+                   for problem, p2o_template in zip(problems, p2o_templates)]
+        for problem, p2o_template, ids in zip(problems, p2o_templates, encoded):
+            limit = self.max_prompt_tokens + (self.template_max_tokens + TEMPLATE_SLACK_TOKENS if p2o_template else 0)
+            if len(ids) > limit:
                 raise ValueError(
                     f"problem {problem.id!r} ({problem.source}) renders to {len(ids)} prompt tokens > "
                     f"data.max_prompt_tokens={self.max_prompt_tokens}"
+                    + (" (+ algorithm.p2o.template_max_tokens)" if p2o_template else "")
                 )
         return encoded
 
-    def generate(self, problems: list[Problem], first_prompt_index: int, sampling) -> list[Rollout]:
-        """K completions per problem, prompt-major; `prompt_index` counts from `first_prompt_index`."""
+    def checked_templates(self, templates: list[list[str]]) -> tuple[list[list[str]], int]:
+        """Templates that may reach the model; a rejected one becomes "" (the original prompt). Returns the count."""
+        rejected = 0
+        checked = []
+        for group in templates:
+            kept = []
+            for template in group:
+                if rejection_reason(template, self.tokenizer, self.template_max_tokens) is None:
+                    kept.append(template)
+                else:
+                    kept.append("")
+                    rejected += 1
+            checked.append(kept)
+        return checked, rejected
+
+    def generate(self, problems: list[Problem], first_prompt_index: int, sampling,
+                 templates: list[list[str]] | None = None, distill: bool = True) -> list[Rollout]:
+        """K completions per problem, prompt-major; `prompt_index` counts from `first_prompt_index`.
+
+        templates[i][k]: the P²O template of problem i's k-th rollout ("" = the original prompt). Templated
+        rollouts train on the original prompt when `distill` (context distillation), else on the templated one.
+        """
         prompt_ids = self.encode(problems)
-        outputs = self.generator.generate(prompt_ids, sampling)
-        return [
-            Rollout(
-                prompt_index=first_prompt_index + i,
-                prompt_ids=prompt_ids[i],
-                response_ids=list(completion.token_ids),
-                rollout_logprobs=completion.logprobs,
-                finish_reason=completion.finish_reason,
-                text=self.tokenizer.decode(completion.token_ids, skip_special_tokens=True),
-            )
-            for i, completions in enumerate(outputs)
-            for completion in completions
-        ]
+        k = sampling.n
+        if templates is None or not any(any(group) for group in templates):
+            outputs = self.generator.generate(prompt_ids, sampling)
+            templates = [[""] * k for _ in problems]
+            generation_ids = [[ids] * k for ids in prompt_ids]
+        else:
+            # One request per rollout (its own prompt); seeds stay a function of (step, prompt, sample).
+            flat_problems = [problem for problem in problems for _ in range(k)]
+            flat_templates = [template for group in templates for template in group]
+            flat_ids = self.encode(flat_problems, flat_templates)
+            singles = self.generator.generate(flat_ids, dataclasses.replace(sampling, n=1))
+            outputs = [[singles[i * k + j][0] for j in range(k)] for i in range(len(problems))]
+            generation_ids = [flat_ids[i * k : (i + 1) * k] for i in range(len(problems))]
+        rollouts = []
+        for i, completions in enumerate(outputs):
+            for j, completion in enumerate(completions):
+                template, seen = templates[i][j], generation_ids[i][j]
+                rollouts.append(Rollout(
+                    prompt_index=first_prompt_index + i,
+                    prompt_ids=prompt_ids[i] if (distill or not template) else seen,
+                    response_ids=list(completion.token_ids),
+                    rollout_logprobs=completion.logprobs,
+                    finish_reason=completion.finish_reason,
+                    text=self.tokenizer.decode(completion.token_ids, skip_special_tokens=True),
+                    template=template,
+                    generation_prompt_ids=seen if template else None,
+                ))
+        return rollouts
 
     def score(self, rollouts: list[Rollout], ground_truths: list[str]) -> None:
         """Sets each rollout's reward; `ground_truths` is aligned with rollouts."""

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from rich.console import Console
 
+from p2o_hpc.algo.context_distillation import cd_token_weights
 from p2o_hpc.algo.core_algos import get_advantage_estimator
 from p2o_hpc.algo.policy_loss import PolicyLossSettings, make_policy_loss_fn
 from p2o_hpc.config import RunConfig, to_run_config
@@ -34,7 +35,16 @@ from p2o_hpc.megatron.model_provider import build_gpt_model, build_transformer_c
 from p2o_hpc.megatron.training import OptimSettings, build_learner, train_step
 from p2o_hpc.trainer.hard_mining import HardSampleMiner
 from p2o_hpc.trainer.metrics import MetricsSink, PhaseTimer
-from p2o_hpc.trainer.rollout_batch import Rollout, group_ids, mini_batch_indices, rank_micro_batches, rewards_tensor
+from p2o_hpc.p2o.templates import load_assignments, rollout_templates, templates_done
+from p2o_hpc.trainer.rollout_batch import (
+    Rollout,
+    generation_micro_batch,
+    group_ids,
+    mini_batch_indices,
+    rank_micro_batches,
+    response_slice,
+    rewards_tensor,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -112,6 +122,7 @@ class GRPOTrainer:
         self.step = 0
         self.stop_step = self.total_steps  # this job's last step (trainer.stop_after_steps), set once resumed
         self.pending: dict | None = None  # one-step off-policy: the next step's rollouts, generated ahead
+        self.assignments: dict[str, list[str]] = {}  # P²O: this epoch's templates for last epoch's hard prompts
         self._resume()
         if cfg.trainer.stop_after_steps is not None:
             self.stop_step = min(self.total_steps, self.step + cfg.trainer.stop_after_steps)
@@ -154,6 +165,7 @@ class GRPOTrainer:
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             enable_sleep_mode=cfg.rollout.enable_sleep_mode, reward=cfg.algorithm.reward,
             reward_workers=cfg.reward.workers, reward_timeout_s=cfg.reward.timeout_s,
+            template_max_tokens=cfg.algorithm.p2o.template_max_tokens if cfg.algorithm.p2o.enabled else 0,
         )
 
     @property
@@ -172,13 +184,14 @@ class GRPOTrainer:
         self.loader.load_state_dict(state["loader"])
         self.miner.load_state_dict(state["miner"])
         self.pending = state["pending"]
+        self.assignments = state.get("assignments", {})
         set_rng_state(state["rng"])
         if self.rank == 0:
             self.console.print(f"resumed from {checkpoint} at step {self.step}")
 
     def _save(self) -> None:
         state = {"step": self.step, "loader": self.loader.state_dict(), "miner": self.miner.state_dict(),
-                 "pending": self.pending, "rng": rng_state()}
+                 "pending": self.pending, "assignments": self.assignments, "rng": rng_state()}
         save_checkpoint(self.learner, self.checkpoint_root, rank_state=state, keep=self.cfg.trainer.keep_checkpoints)
 
     # ------------------------------------------------------------------------------------------ rollout side
@@ -208,10 +221,27 @@ class GRPOTrainer:
         index = self.host_ranks.index(self.rank)
         start, stop = round(index * share), round((index + 1) * share)
         started = time.perf_counter()
-        rollouts = self.worker.generate(problems[start:stop], start, self._sampling(step, start))
+        templates, rejected = self._rollout_templates(problems[start:stop])
+        rollouts = self.worker.generate(problems[start:stop], start, self._sampling(step, start), templates,
+                                        distill=self.cfg.algorithm.p2o.context_distillation)
         generated = time.perf_counter()
         self.worker.score(rollouts, [problems[r.prompt_index].answer for r in rollouts])
-        return {"rollouts": rollouts, "generate_s": generated - started, "reward_s": time.perf_counter() - generated}
+        return {"rollouts": rollouts, "generate_s": generated - started, "reward_s": time.perf_counter() - generated,
+                "templates_rejected": rejected}
+
+    def _rollout_templates(self, problems: list[Problem]) -> tuple[list[list[str]] | None, int]:
+        """Per problem, the P²O templates of its K rollouts (checked; a rejected one falls back to the plain
+        prompt); None when no problem of this share has an assignment."""
+        p2o = self.cfg.algorithm.p2o
+        if not (p2o.enabled and any(problem.id in self.assignments for problem in problems)):
+            return None, 0
+        templates = [
+            rollout_templates(self.assignments.get(problem.id), self.cfg.algorithm.n_samples,
+                              same_template_in_group=p2o.same_template_in_group,
+                              keep_one_plain_rollout=p2o.keep_one_plain_rollout)
+            for problem in problems
+        ]
+        return self.worker.checked_templates(templates)
 
     def _release_generator(self) -> None:
         """Colocated on a GPU, vLLM sleeps while the learner computes log-probs and updates (no-op on CPU).
@@ -230,6 +260,7 @@ class GRPOTrainer:
             "rollouts": [rollout for part in parts for rollout in part["rollouts"]],
             "generate_s": max(part["generate_s"] for part in parts),
             "reward_s": max(part["reward_s"] for part in parts),
+            "templates_rejected": sum(part["templates_rejected"] for part in parts),
         }
 
     def _next_problems(self) -> dict:
@@ -247,6 +278,69 @@ class GRPOTrainer:
         )
         for batch, result in zip(micro_batches, results):
             batch[key] = result["logprobs"]
+
+    def _context_distillation(self, rollouts: list[Rollout], micro_batches: list[dict]) -> dict:
+        """Collective: for templated rollouts, log π(y|x̃) next to the old log π(y|x), and the CD token weights.
+
+        The PPO ratio and gradient use the original prompt x (micro-batch input_ids); tokens whose
+        π(y|x)/π(y|x̃) leaves the configured bounds get weight 0 (hard) or less (soft) in the loss.
+        """
+        p2o = self.cfg.algorithm.p2o
+        if not (p2o.enabled and p2o.context_distillation and any(r.distilled for r in rollouts)):
+            return {}
+        pairs = [(batch, generation_micro_batch(rollouts, batch, PAD_ID)) for batch in micro_batches]
+        pairs = [(batch, templated) for batch, templated in pairs if templated is not None]
+        self._collect_logprobs(self.learner.model, [templated for _, templated in pairs], "templated_logprobs")
+        ratios, weights = [], []
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            for batch, templated in pairs:
+                batch["cd_weight"] = torch.ones_like(batch["old_logprobs"])
+                for row, index in enumerate(batch["rollout_index"].tolist()):
+                    rollout = rollouts[index]
+                    if not rollout.distilled:
+                        continue
+                    plain, seen = response_slice(rollout), response_slice(rollout, generation=True)
+                    weight, ratio = cd_token_weights(batch["old_logprobs"][row, plain],
+                                                     templated["templated_logprobs"][row, seen],
+                                                     low=p2o.cd_clip_low, high=p2o.cd_clip_high, mode=p2o.cd_mask)
+                    batch["cd_weight"][row, plain] = weight
+                    ratios.append(ratio)
+                    weights.append(weight)
+        mine = None
+        if ratios and parallel_state.get_tensor_model_parallel_rank() == 0:
+            ratio, weight = torch.cat(ratios).double(), torch.cat(weights).double()
+            mine = [float((weight < 1).sum()), float(ratio.numel()), float(ratio.sum()), float(ratio.min()),
+                    float(ratio.max())]
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        parts = [part for part in parts if part is not None]
+        if not parts or not sum(part[1] for part in parts):
+            return {}
+        tokens = sum(part[1] for part in parts)
+        return {"p2o/cd_masked_frac": sum(part[0] for part in parts) / tokens,
+                "p2o/cd_ratio_mean": sum(part[2] for part in parts) / tokens,
+                "p2o/cd_ratio_min": min(part[3] for part in parts),
+                "p2o/cd_ratio_max": max(part[4] for part in parts)}
+
+    def _p2o_metrics(self, batch: dict, rollouts: list[Rollout], advantages: torch.Tensor) -> dict:
+        """Reward under templates vs on the plain prompt, and whether hard prompts got their gradient back."""
+        if not self.cfg.algorithm.p2o.enabled:
+            return {}
+        templated = [r.reward for r in rollouts if r.template]
+        plain = [r.reward for r in rollouts if not r.template]
+        k = self.cfg.algorithm.n_samples
+        hard_groups = [i for i, problem in enumerate(batch["problems"]) if problem.id in self.assignments]
+        metrics = {"p2o/templated_frac": len(templated) / max(1, len(rollouts)),
+                   "p2o/templates_rejected": batch.get("templates_rejected", 0),
+                   "p2o/assigned_prompts": len(self.assignments)}
+        if templated:
+            metrics["p2o/reward_templated"] = float(np.mean(templated))
+        if plain:
+            metrics["p2o/reward_plain"] = float(np.mean(plain))
+        if hard_groups:
+            zero = [bool((advantages[i * k : (i + 1) * k] == 0).all()) for i in hard_groups]
+            metrics["p2o/hard_zero_adv_frac"] = float(np.mean(zero))
+        return metrics
 
     def _refit_check(self, rollouts: list[Rollout], micro_batches: list[dict]) -> dict:
         """Collective: the generator's and the learner's log-probs of the same response tokens, which must agree."""
@@ -342,6 +436,7 @@ class GRPOTrainer:
             self._collect_logprobs(self.learner.model, all_micro_batches, "old_logprobs")
             if self.reference is not None:
                 self._collect_logprobs(self.reference, all_micro_batches, "ref_logprobs")
+            distillation = self._context_distillation(rollouts, all_micro_batches)
         refit = {}
         every = cfg.rollout.refit_check_every
         if every and self.step % every == 0:
@@ -366,6 +461,8 @@ class GRPOTrainer:
             self.pending = upcoming
 
         metrics = self._step_metrics(batch, rollouts, advantages, update_metrics, timer, refit)
+        metrics.update(distillation)
+        metrics.update(self._p2o_metrics(batch, rollouts, advantages))
         metrics["time/step"] = time.perf_counter() - step_started
         self.step += 1
         self._mine(batch, rollouts)
@@ -390,7 +487,19 @@ class GRPOTrainer:
             path, size = self.miner.write(self.run_dir, epoch)
             self.console.print(f"epoch {epoch}: {size} hard prompts → {path}")
         self.miner.reset()
-        return {"epoch": epoch, "hard/size": size, "hard/fraction": size / max(1, len(self.problems))}
+        metrics = {"epoch": epoch, "hard/size": size, "hard/fraction": size / max(1, len(self.problems))}
+        if self.cfg.algorithm.p2o.enabled:
+            self.assignments = self._next_assignments(epoch)
+            metrics["p2o/next_epoch_assigned_prompts"] = len(self.assignments)
+        return metrics
+
+    def _next_assignments(self, epoch: int) -> dict[str, list[str]]:
+        """The templates GEPA evolved on this epoch's hard set, for the next epoch ({} when there are none)."""
+        if not templates_done(self.run_dir, epoch):
+            if self.rank == 0:
+                self.console.print(f"epoch {epoch}: no templates (epochs/{epoch}/DONE missing): next epoch is plain GRPO")
+            return {}
+        return load_assignments(self.run_dir, epoch)
 
     def _step_metrics(self, batch, rollouts, advantages, update_metrics, timer, refit) -> dict:
         k = self.cfg.algorithm.n_samples

@@ -1,5 +1,5 @@
 """Hard-sample mining: prompts whose K rollouts (almost) all failed give GRPO no gradient; P²O optimises
-templates for them. Each epoch's hard set goes to ``<run_dir>/hard_sets/epoch_<e>.jsonl`` for the GEPA service.
+templates for them. Each epoch's hard set goes to ``<run_dir>/epochs/<e>/hard_set.jsonl`` for the GEPA service.
 """
 
 from __future__ import annotations
@@ -8,6 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2o_hpc.io_utils import atomic_write_jsonl
+
+
+def epoch_dir(run_dir: str | Path, epoch: int) -> Path:
+    """Where one epoch's exchange with the GEPA service lives: hard_set.jsonl out, templates.json back."""
+    return Path(run_dir) / "epochs" / str(epoch)
+
+
+def hard_set_path(run_dir: str | Path, epoch: int) -> Path:
+    return epoch_dir(run_dir, epoch) / "hard_set.jsonl"
 
 
 @dataclass
@@ -61,7 +70,7 @@ class HardSampleMiner:
     def write(self, run_dir: str | Path, epoch: int) -> tuple[Path, int]:
         """Atomically writes the epoch's hard set; returns (path, size)."""
         rows = self.hard_set()
-        path = atomic_write_jsonl(Path(run_dir) / "hard_sets" / f"epoch_{epoch}.jsonl", rows)
+        path = atomic_write_jsonl(hard_set_path(run_dir, epoch), rows)
         return path, len(rows)
 
     def reset(self) -> None:

@@ -15,16 +15,27 @@ import torch
 @dataclass
 class Rollout:
     prompt_index: int  # position of the prompt in the step's batch: the GRPO group
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # the prompt the learner trains on (P²O context distillation: the original x)
     response_ids: list[int]
     rollout_logprobs: list[float] | None  # the generator's own log-probs of response_ids
     finish_reason: str
     text: str
     reward: float = 0.0
+    template: str = ""  # the P²O template the response was generated under ("" = the original prompt)
+    generation_prompt_ids: list[int] | None = None  # what the generator saw, when that differs from prompt_ids
 
     @property
     def sequence(self) -> list[int]:
         return self.prompt_ids + self.response_ids
+
+    @property
+    def generation_sequence(self) -> list[int]:
+        return (self.generation_prompt_ids or self.prompt_ids) + self.response_ids
+
+    @property
+    def distilled(self) -> bool:
+        """Generated on a templated prompt but trained on another one: context distillation applies."""
+        return self.generation_prompt_ids is not None and self.generation_prompt_ids != self.prompt_ids
 
 
 def group_ids(rollouts: list[Rollout]) -> torch.Tensor:
@@ -81,3 +92,21 @@ def rank_micro_batches(
         collate(rollouts, mine[start : start + micro_batch_size], advantages, pad_id)
         for start in range(0, len(mine), micro_batch_size)
     ]
+
+
+def generation_micro_batch(rollouts: list[Rollout], batch: dict, pad_id: int) -> dict | None:
+    """The same rows as `batch`, on the prompts the generator saw (for log π(y|x̃)); None when none differs."""
+    indices = batch["rollout_index"].tolist()
+    if not any(rollouts[i].distilled for i in indices):
+        return None
+    sequences = [rollouts[i].generation_sequence for i in indices]
+    input_ids = torch.full((len(indices), max(map(len, sequences))), pad_id, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+    return {"input_ids": input_ids, "rollout_index": batch["rollout_index"]}
+
+
+def response_slice(rollout: Rollout, generation: bool = False) -> slice:
+    """Where the response tokens' next-token log-probs sit in a row of [seq-1] log-probs."""
+    prompt_len = len(rollout.generation_prompt_ids or rollout.prompt_ids) if generation else len(rollout.prompt_ids)
+    return slice(prompt_len - 1, prompt_len - 1 + len(rollout.response_ids))

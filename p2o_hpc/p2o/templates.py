@@ -1,0 +1,96 @@
+"""Evolved templates in prompts: T(x, z) = z + "\\n\\n" + x inside the user turn (as the authors' code does).
+
+The empty template ε is the original prompt. A template comes from an LLM's reflection, so it is checked before
+it reaches the policy: an empty one, one over the token budget, or one carrying the chat template's special
+tokens (which would forge turns or end the prompt early) is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SEPARATOR = "\n\n"
+
+
+class TemplateRejected(ValueError):
+    """An evolved template that must not be sent to the model; the message says why."""
+
+
+def apply_template(user_turn: str, template: str) -> str:
+    """The user message with `template` in front of it; ε ("") leaves it as it is."""
+    return template + SEPARATOR + user_turn if template else user_turn
+
+
+def special_token_texts(tokenizer: Any) -> list[str]:
+    """Texts of the tokenizer's special tokens (<|im_start|>, <|im_end|>, ...), which no template may contain."""
+    texts = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+        if getattr(token, "special", False):
+            texts.add(token.content)
+    return sorted(text for text in texts if text)
+
+
+def rejection_reason(template: str, tokenizer: Any, max_tokens: int) -> str | None:
+    """None when `template` may be used (ε always may), else why not."""
+    if template == "":
+        return None
+    if not isinstance(template, str):
+        return f"not a string ({type(template).__name__})"
+    if not template.strip():
+        return "empty (whitespace only)"
+    forged = [text for text in special_token_texts(tokenizer) if text in template]
+    if forged:
+        return f"contains the chat template's special tokens {forged}"
+    length = len(tokenizer(template, add_special_tokens=False)["input_ids"])
+    if length > max_tokens:
+        return f"{length} tokens > the template budget of {max_tokens}"
+    return None
+
+
+def check_template(template: str, tokenizer: Any, max_tokens: int) -> str:
+    """`template` itself, or TemplateRejected naming the reason and the template's start."""
+    reason = rejection_reason(template, tokenizer, max_tokens)
+    if reason is not None:
+        raise TemplateRejected(f"template rejected: {reason}: {str(template)[:120]!r}")
+    return template
+
+
+def templates_path(run_dir: str | Path, epoch: int) -> Path:
+    """GEPA's answer to epoch `epoch`'s hard set: the pool, the cover set and per-prompt template draws."""
+    return Path(run_dir) / "epochs" / str(epoch) / "templates.json"
+
+
+def templates_done(run_dir: str | Path, epoch: int) -> bool:
+    """The service writes templates.json atomically and then DONE: only then is it the final answer."""
+    return (templates_path(run_dir, epoch).parent / "DONE").exists()
+
+
+def load_assignments(run_dir: str | Path, epoch: int) -> dict[str, list[str]]:
+    """prompt id → the template texts drawn for its rollouts, from a finished templates.json."""
+    path = templates_path(run_dir, epoch)
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no templates for epoch {epoch}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error})") from error
+    assignments = document.get("assignments") if isinstance(document, dict) else None
+    if not isinstance(assignments, dict):
+        raise ValueError(f"{path}: missing the 'assignments' object (prompt id → list of templates)")
+    for prompt_id, templates in assignments.items():
+        if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
+            raise ValueError(f"{path}: assignments[{prompt_id!r}] must be a non-empty list of template strings")
+    return assignments
+
+
+def rollout_templates(assigned: list[str] | None, k: int, *, same_template_in_group: bool,
+                      keep_one_plain_rollout: bool) -> list[str]:
+    """The K templates of one prompt's rollouts: its draws (cycled if fewer than K), "" when it has none."""
+    if not assigned:
+        return [""] * k
+    templates = [assigned[0]] * k if same_template_in_group else [assigned[i % len(assigned)] for i in range(k)]
+    if keep_one_plain_rollout:
+        templates[0] = ""
+    return templates
