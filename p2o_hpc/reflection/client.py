@@ -1,0 +1,218 @@
+"""A small, thread-safe client for the reflection LLM behind any OpenAI-compatible endpoint.
+
+Retries are our own loop (the openai client runs with max_retries=0): its built-in loop has a fixed 0.5 s
+initial / 8 s maximum backoff, an unseeded jitter source, and does not report how many retries it took,
+which the cost/latency tally needs. The API key is only handed to `openai.OpenAI`; it never appears in
+`repr`, log records or error messages (any echo of it in a server's error body is redacted).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import openai
+
+log = logging.getLogger(__name__)
+
+DUMMY_KEY = "EMPTY"  # local vLLM servers accept any key
+_MAX_ERROR_CHARS = 500
+
+
+class ReflectionError(RuntimeError):
+    """A reflection request failed for good (non-retryable error, or the retry budget was spent)."""
+
+    def __init__(self, message: str, *, status_code: Optional[int] = None, attempts: int = 0):
+        super().__init__(message)
+        self.status_code = status_code
+        self.attempts = attempts
+
+
+class ReflectionClient:
+    """Chat completions with one user message, bounded concurrency, backoff retries and a usage tally."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: Optional[str] = "OPENAI_API_KEY",
+        *,
+        require_key: bool = True,
+        max_concurrency: int = 8,
+        timeout_s: float = 300.0,
+        max_retries: int = 5,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        temperature: float = 1.0,
+        max_tokens: int = 2048,
+        price_per_million_input: float = 0.0,
+        price_per_million_output: float = 0.0,
+        seed: Optional[int] = None,
+    ):
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if not key:
+            if require_key:
+                where = f"the environment variable {api_key_env!r}" if api_key_env else "api_key_env"
+                raise ReflectionError(f"reflection endpoint {base_url} (model {model}) needs an API key: set {where}")
+            key = DUMMY_KEY
+        self.base_url, self.model = base_url, model
+        self.api_key_env = api_key_env
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.max_retries = max(0, int(max_retries))
+        self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.price_in, self.price_out = price_per_million_input, price_per_million_output
+        self._secret = key if key != DUMMY_KEY else None  # only for redaction
+        self._openai = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout_s, max_retries=0)
+        self._slots = threading.BoundedSemaphore(self.max_concurrency)
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._tally = dict.fromkeys(
+            ("requests", "successes", "failures", "retries", "prompt_tokens", "completion_tokens"), 0
+        )
+
+    @classmethod
+    def from_config(cls, cfg, *, base_url: Optional[str] = None, model: Optional[str] = None, **kw):
+        """From a ReflectionConfig; for kind=self pass the local server's base_url and served model name."""
+        if cfg.kind not in ("self", "teacher"):
+            raise ValueError(f"reflection kind {cfg.kind!r} has no client (expected 'self' or 'teacher')")
+        base_url, model = base_url or cfg.base_url, model or cfg.model
+        if not base_url or not model:
+            raise ValueError(f"reflection kind {cfg.kind!r} needs base_url and model (got {base_url!r}, {model!r})")
+        return cls(
+            base_url, model, cfg.api_key_env, require_key=cfg.kind == "teacher",
+            max_concurrency=cfg.max_concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+            backoff_initial_s=cfg.backoff_initial_s, backoff_max_s=cfg.backoff_max_s,
+            temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+            price_per_million_input=cfg.price_per_million_input,
+            price_per_million_output=cfg.price_per_million_output, **kw,
+        )
+
+    def __repr__(self) -> str:
+        return (f"ReflectionClient(base_url={self.base_url!r}, model={self.model!r}, "
+                f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency})")
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def complete(self, prompt: str) -> str:
+        """One prompt → the reply text; raises ReflectionError when it fails for good."""
+        self._add(requests=1)
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                with self._slots:
+                    response = self._openai.chat.completions.create(
+                        model=self.model,
+                        messages=[{"role": "user", "content": prompt}],
+                        temperature=self.temperature,
+                        max_tokens=self.max_tokens,
+                    )
+            except openai.APIStatusError as err:  # the server answered with an error status
+                status, error = err.status_code, err
+                retryable = status in (408, 429) or status >= 500
+                hint = _retry_after(err.response.headers)
+            except openai.APIConnectionError as err:  # includes APITimeoutError
+                status, error, retryable, hint = None, err, True, None
+            except openai.OpenAIError as err:  # e.g. a reply that is not a chat completion
+                status, error, retryable, hint = None, err, False, None
+            else:
+                usage = response.usage
+                self._add(
+                    successes=1,
+                    prompt_tokens=usage.prompt_tokens if usage else 0,
+                    completion_tokens=usage.completion_tokens if usage else 0,
+                )
+                return response.choices[0].message.content or ""
+            if not retryable or attempts > self.max_retries:
+                self._add(failures=1)
+                why = "non-retryable error" if not retryable else "retries exhausted"
+                raise ReflectionError(
+                    f"reflection request to {self.base_url} (model {self.model}) failed after {attempts} "
+                    f"attempt(s), {why}; last error: {self._describe(error)}",
+                    status_code=status, attempts=attempts,
+                ) from None  # the openai exception holds the request (with its auth header): don't chain it
+            delay = self._delay(attempts, hint)
+            log.warning("reflection request to %s (model %s) failed (%s), retry %d/%d in %.2f s",
+                        self.base_url, self.model, status or type(error).__name__, attempts,
+                        self.max_retries, delay)
+            self._add(retries=1)
+            time.sleep(delay)
+
+    def complete_many(self, prompts: list[str]) -> list[str | ReflectionError]:
+        """Replies in input order; a failed prompt yields its ReflectionError instead of losing the others."""
+
+        def one(prompt: str) -> str | ReflectionError:
+            try:
+                return self.complete(prompt)
+            except ReflectionError as err:
+                return err
+
+        if not prompts:
+            return []
+        with ThreadPoolExecutor(min(len(prompts), self.max_concurrency), "reflection") as pool:
+            return list(pool.map(one, prompts))
+
+    # -- tally ----------------------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        """The running tally under `reflection/...` keys, with the estimated cost in USD."""
+        with self._lock:
+            tally = dict(self._tally)
+        cost = (tally["prompt_tokens"] * self.price_in + tally["completion_tokens"] * self.price_out) / 1e6
+        return {**{f"reflection/{k}": v for k, v in tally.items()}, "reflection/cost_usd": cost}
+
+    def close(self) -> None:
+        self._openai.close()
+
+    def __enter__(self) -> "ReflectionClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- helpers --------------------------------------------------------------------------------------------
+
+    def _add(self, **counts: int) -> None:
+        with self._lock:
+            for key, value in counts.items():
+                self._tally[key] += value
+
+    def _delay(self, attempt: int, hint: Optional[float]) -> float:
+        """Retry-After when the server gave one, else exponential backoff with jitter; capped either way."""
+        if hint is not None:
+            return min(max(hint, 0.0), self.backoff_max_s)
+        base = min(self.backoff_initial_s * 2 ** (attempt - 1), self.backoff_max_s)
+        with self._lock:
+            return base * (0.5 + 0.5 * self._rng.random())
+
+    def _describe(self, error: Exception) -> str:
+        text = f"{type(error).__name__}: {error}"
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return text[:_MAX_ERROR_CHARS]
+
+
+def _retry_after(headers) -> Optional[float]:
+    """Seconds from `retry-after-ms` / `Retry-After` (seconds or an HTTP date), None when absent or bad."""
+    if headers is None:
+        return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        parsed = email.utils.parsedate_tz(value)
+        return None if parsed is None else float(email.utils.mktime_tz(parsed) - time.time())
