@@ -12,6 +12,8 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from p2o_hpc.reflection.config import ReflectionConfig
+
 
 @dataclass
 class ModelConfig:
@@ -86,6 +88,25 @@ class AlgorithmConfig:
 
 
 @dataclass
+class GEPAConfig:
+    """Template evolution per epoch (Algorithms 2–4); defaults are the paper's, else the authors' code."""
+
+    mode: str = "service"  # service: its own process/job; inline: inside the learner (single box); off
+    min_hard: int = 100  # fewer hard prompts: no GEPA round, the next epoch is plain GRPO
+    dev_size: int = 300
+    minibatch_size: int = 3  # reflection minibatch B
+    num_parents: int = 16  # beam W
+    parent_selection: str = "pareto_mean"  # pareto_mean (paper, Alg. 4) | instance_best_count (authors' code)
+    auto: str = "heavy_4"  # DSPy auto budget: 72 candidates
+    max_metric_calls: Optional[int] = None  # an explicit budget in policy rollouts instead of `auto`
+    max_response_chars: int = 4000  # failed responses in the reflection feedback keep their end
+    max_response_tokens: Optional[int] = None  # evaluation rollouts; null → rollout.max_response_tokens
+    seed: int = 0
+    wait_timeout_s: float = 24 * 3600.0  # blocking schedule: longest the learner waits for templates
+    poll_s: float = 5.0
+
+
+@dataclass
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
@@ -146,6 +167,8 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    gepa: GEPAConfig = field(default_factory=GEPAConfig)
+    reflection: ReflectionConfig = field(default_factory=ReflectionConfig)
     run_dir: Optional[str] = None  # default: Hydra's output dir
 
 
@@ -180,6 +203,12 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rollout.backend == "vllm", "rollout.backend: only 'vllm' is implemented"),
         (algo.p2o.cd_mask in ("hard", "soft", "none"), "algorithm.p2o.cd_mask must be hard, soft or none"),
         (algo.p2o.template_max_tokens >= 1, "algorithm.p2o.template_max_tokens must be ≥ 1"),
+        (cfg.gepa.mode in ("service", "inline", "off"), "gepa.mode must be service, inline or off"),
+        (cfg.gepa.parent_selection in ("pareto_mean", "instance_best_count"),
+         "gepa.parent_selection must be pareto_mean or instance_best_count"),
+        (cfg.reflection.kind in ("self", "teacher", "none"), "reflection.kind must be self, teacher or none"),
+        (not (algo.p2o.enabled and cfg.gepa.mode != "off" and cfg.reflection.kind == "none"),
+         "algorithm.p2o needs a reflection model: reflection=self or reflection=teacher (or gepa.mode=off)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -7,6 +7,7 @@ that scripts grep for. Re-running with the same ``hydra.run.dir`` resumes from i
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -43,9 +44,35 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(cfg.model.path)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    (run_dir / "FINISHED").unlink(missing_ok=True)
     world_size = cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.data
-    launch_local(run_worker, world_size, asdict(cfg), str(run_dir), model_dir)
+    service = start_gepa_service(run_dir) if cfg.algorithm.p2o.enabled and cfg.gepa.mode == "service" else None
+    try:
+        launch_local(run_worker, world_size, asdict(cfg), str(run_dir), model_dir)
+    finally:
+        if service is not None:
+            stop_gepa_service(service, run_dir)
     return run_dir
+
+
+def start_gepa_service(run_dir: Path) -> subprocess.Popen:
+    """The GEPA service as its own process beside the local learner (on SLURM: its own job)."""
+    log = run_dir / "logs" / "gepa_service.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as handle:
+        return subprocess.Popen([sys.executable, "-m", "p2o_hpc.gepa.service", "--run-dir", str(run_dir)],
+                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_gepa_service(service: subprocess.Popen, run_dir: Path, grace_s: float = 120.0) -> None:
+    """After the learner: the service ends by itself on FINISHED; after a learner failure it is stopped."""
+    if not (run_dir / "FINISHED").exists():
+        service.terminate()
+    try:
+        service.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        service.kill()
+        service.wait()
 
 
 register_configs()

@@ -205,13 +205,13 @@ def test_metric_budget_never_overspends():
 
 
 def test_parse_proposal():
+    """gepa's extractor: inside the fences when there are some, else the whole answer; empty is no proposal."""
     assert parse_proposal("Here:\n```\nThink step by step.\n```\n") == "Think step by step."
     assert parse_proposal("```text\nUse units.\n```") == "Use units."
-    assert parse_proposal("```a```, then ```markdown\nsecond\n```") == "second"
-    assert parse_proposal("```first``` and an unclosed ```tail") == "first"
-    assert parse_proposal("no fence at all") is None
+    assert parse_proposal("no fence at all") == "no fence at all"
+    assert parse_proposal("```markdown\nonly opening") == "only opening"
     assert parse_proposal("```\n   \n```") is None
-    assert parse_proposal("```only opening") is None
+    assert parse_proposal("   ") is None
 
 
 def test_build_reflection_prompt():
@@ -257,7 +257,7 @@ def fake_propose(prompt):
     if r < 0.08:
         raise RuntimeError("reflection LM timed out")
     if r < 0.2:
-        return "I think the assistant should be more careful."  # no fence: invalid
+        return "```\n   \n```"  # an empty fenced block: invalid
     return f"Analysis...\n```text\nHint {int(r * 1e6)}:" + " step" * (1 + int(r * 100) % 5) + "\n```"
 
 

@@ -6,7 +6,6 @@ GEPA instead of carrying a copy that drifts.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from gepa.strategies.instruction_proposal import InstructionProposalSignature
@@ -53,20 +52,9 @@ def build_reflection_prompt(current_template: str, records: list[FeedbackRecord]
     return prompt
 
 
-_FENCE = "```"
-_LANGUAGE_TAG = re.compile(r"^[^\s`]*\n")
-
-
 def parse_proposal(text: str) -> str | None:
-    """The text inside the last complete ``` fenced block, without a language tag; None if absent or empty.
-
-    Stricter than gepa's own output_extractor (which falls back to the whole answer): an answer without a fenced
-    block is counted as an invalid proposal rather than turned into a template full of reasoning text.
-    """
-    positions = [m.start() for m in re.finditer(re.escape(_FENCE), text)]
-    if len(positions) < 2:
-        return None
-    last_pair = len(positions) // 2 * 2  # fences pair up in order; an unclosed trailing fence is ignored
-    start, end = positions[last_pair - 2] + len(_FENCE), positions[last_pair - 1]
-    body = _LANGUAGE_TAG.sub("", text[start:end], count=1).strip()
-    return body or None
+    """The new template from the reflection model's answer, by gepa's own extractor (the text between the first
+    and the last ``` fence, language tag dropped; the whole answer when it has no fences, as the authors' DSPy/GEPA
+    stack does); None when nothing is left. Whether the text may be used is checked later (templates.py)."""
+    extracted = InstructionProposalSignature.output_extractor(str(text))["new_instruction"].strip()
+    return extracted or None

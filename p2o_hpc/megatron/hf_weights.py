@@ -174,3 +174,37 @@ def export_hf_weights(model, arch: HFArchitecture, bucket_bytes: int = DEFAULT_B
         size += nbytes
     if bucket:
         yield bucket
+
+
+def save_hf_folder(model, arch: HFArchitecture, source_dir: str | Path, out_dir: str | Path, *, write: bool,
+                   bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Path:
+    """The learner's current weights as a Hugging Face folder (config, tokenizer and chat template copied from
+    `source_dir`), for the GEPA service's engine and for evaluation. Collective, like export_hf_weights; only the
+    rank with `write` writes. The folder appears whole (staged next to it, then renamed) or not at all.
+    """
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    staging = out_dir.parent / f".{out_dir.name}.tmp"
+    if write:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    for index, bucket in enumerate(export_hf_weights(model, arch, bucket_bytes)):
+        if write:
+            file_name = f"model-{index:05d}.safetensors"
+            save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in bucket},
+                      str(staging / file_name), metadata={"format": "pt"})
+            weight_map.update({name: file_name for name, _ in bucket})
+    if write:
+        for item in Path(source_dir).iterdir():
+            if item.is_file() and not item.name.endswith(".safetensors") and item.name != "model.safetensors.index.json":
+                shutil.copy2(item, staging / item.name)
+        (staging / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        staging.rename(out_dir)
+    return out_dir

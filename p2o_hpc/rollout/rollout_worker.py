@@ -63,6 +63,22 @@ class RolloutWorker:
             enable_sleep_mode=enable_sleep_mode and torch.cuda.is_available(),
         )
 
+    @classmethod
+    def from_config(cls, cfg, model_dir: str, *, max_response_tokens: int | None = None,
+                    enable_sleep_mode: bool | None = None) -> "RolloutWorker":
+        """The run's engine host (RunConfig `cfg`) on `model_dir`: the learner's, or the GEPA service's own."""
+        vllm_dtypes = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+        p2o = cfg.algorithm.p2o
+        return cls(
+            model_dir, template=cfg.data.template, max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_response_tokens=max_response_tokens or cfg.rollout.max_response_tokens,
+            dtype=cfg.rollout.dtype if cfg.rollout.dtype != "auto" else vllm_dtypes[cfg.model.params_dtype],
+            seed=cfg.rollout.seed, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            enable_sleep_mode=cfg.rollout.enable_sleep_mode if enable_sleep_mode is None else enable_sleep_mode,
+            reward=cfg.algorithm.reward, reward_workers=cfg.reward.workers, reward_timeout_s=cfg.reward.timeout_s,
+            template_max_tokens=p2o.template_max_tokens if p2o.enabled else 0,
+        )
+
     def encode(self, problems: list[Problem], p2o_templates: list[str] | None = None) -> list[list[int]]:
         """Prompt ids per problem, each under its P²O template ("" or None: the original prompt)."""
         p2o_templates = p2o_templates or [""] * len(problems)

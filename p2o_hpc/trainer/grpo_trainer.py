@@ -9,6 +9,7 @@ its data-parallel share.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -30,12 +31,13 @@ from p2o_hpc.data import DATASETS, HF_DATASETS, Problem, PromptLoader, deepmath_
 from p2o_hpc.megatron.checkpointing import latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
 from p2o_hpc.megatron.distributed import init_megatron
 from p2o_hpc.megatron.forward import forward_collect, next_token_logprobs
-from p2o_hpc.megatron.hf_weights import export_hf_weights, load_hf_weights
+from p2o_hpc.io_utils import atomic_write_text
+from p2o_hpc.megatron.hf_weights import export_hf_weights, load_hf_weights, save_hf_folder
 from p2o_hpc.megatron.model_provider import build_gpt_model, build_transformer_config, read_hf_architecture
 from p2o_hpc.megatron.training import OptimSettings, build_learner, train_step
-from p2o_hpc.trainer.hard_mining import HardSampleMiner
+from p2o_hpc.trainer.hard_mining import HardSampleMiner, epoch_dir
 from p2o_hpc.trainer.metrics import MetricsSink, PhaseTimer
-from p2o_hpc.p2o.templates import load_assignments, rollout_templates, templates_done
+from p2o_hpc.p2o.templates import load_assignments, rollout_templates, templates_done, templates_path
 from p2o_hpc.trainer.rollout_batch import (
     Rollout,
     generation_micro_batch,
@@ -47,7 +49,6 @@ from p2o_hpc.trainer.rollout_batch import (
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Padding sits after each sequence's end and is masked out of the loss, so causal attention never lets it touch a
 # trained position; any in-vocabulary id works.
 PAD_ID = 0
@@ -131,7 +132,7 @@ class GRPOTrainer:
         flags = [None] * dist.get_world_size()
         dist.all_gather_object(flags, local_rank == 0)
         self.host_ranks = [rank for rank, is_host in enumerate(flags) if is_host]
-        self.worker, self.prefetch, self.sink = None, None, None
+        self.worker, self.prefetch, self.sink, self.reflection = None, None, None, None
         try:
             self.worker = self._start_rollout_worker() if local_rank == 0 else None
             self.prefetch = ThreadPoolExecutor(1) if algo.one_step_off_policy and self.worker else None
@@ -157,16 +158,7 @@ class GRPOTrainer:
     def _start_rollout_worker(self):
         from p2o_hpc.rollout.rollout_worker import RolloutWorker
 
-        cfg = self.cfg
-        dtype = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else VLLM_DTYPES[cfg.model.params_dtype]
-        return RolloutWorker(
-            self.model_dir, template=cfg.data.template, max_prompt_tokens=cfg.data.max_prompt_tokens,
-            max_response_tokens=cfg.rollout.max_response_tokens, dtype=dtype, seed=cfg.rollout.seed,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            enable_sleep_mode=cfg.rollout.enable_sleep_mode, reward=cfg.algorithm.reward,
-            reward_workers=cfg.reward.workers, reward_timeout_s=cfg.reward.timeout_s,
-            template_max_tokens=cfg.algorithm.p2o.template_max_tokens if cfg.algorithm.p2o.enabled else 0,
-        )
+        return RolloutWorker.from_config(self.cfg, self.model_dir)
 
     @property
     def checkpoint_root(self) -> Path:
@@ -391,6 +383,8 @@ class GRPOTrainer:
                         f"reward {metrics['reward/mean']:.3f} loss {metrics['actor/loss']:+.4f} "
                         f"{metrics['time/step']:.1f}s/step"))
             if self.rank == 0 and self.sink is not None:
+                if self.step >= self.total_steps:
+                    atomic_write_text(self.run_dir / "FINISHED", "")  # the GEPA service ends with the run
                 self._report()
         finally:
             self.close()
@@ -488,10 +482,60 @@ class GRPOTrainer:
             self.console.print(f"epoch {epoch}: {size} hard prompts → {path}")
         self.miner.reset()
         metrics = {"epoch": epoch, "hard/size": size, "hard/fraction": size / max(1, len(self.problems))}
-        if self.cfg.algorithm.p2o.enabled:
+        if self.cfg.algorithm.p2o.enabled and self.step < self.total_steps:
+            metrics.update(self._evolve_templates(epoch))
             self.assignments = self._next_assignments(epoch)
             metrics["p2o/next_epoch_assigned_prompts"] = len(self.assignments)
         return metrics
+
+    def _evolve_templates(self, epoch: int) -> dict:
+        """Collective: hand this epoch's hard set and policy to GEPA and wait for its templates (blocking schedule).
+
+        service: the policy is exported as a HF folder, READY is written, and the learner waits for DONE.
+        inline: the engine host runs the round itself on its own engine (the authors' single-box layout).
+        """
+        gepa = self.cfg.gepa
+        if gepa.mode == "off" or templates_done(self.run_dir, epoch):
+            return {}
+        started = time.perf_counter()
+        metrics: dict = {}
+        if gepa.mode == "service":
+            save_hf_folder(self.learner.model, self.arch, self.model_dir, epoch_dir(self.run_dir, epoch) / "policy",
+                           write=self.rank == 0, bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 1024**2)
+            if self.rank == 0:
+                atomic_write_text(epoch_dir(self.run_dir, epoch) / "READY", "")
+                self.console.print(f"epoch {epoch}: waiting for the GEPA service's templates")
+                deadline = time.monotonic() + gepa.wait_timeout_s
+                while not templates_done(self.run_dir, epoch):
+                    failure = self.run_dir / "gepa_service.failed"
+                    if failure.exists():
+                        raise RuntimeError(f"the GEPA service failed ({failure}): {failure.read_text().strip()}")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no {epoch_dir(self.run_dir, epoch) / 'DONE'} after gepa.wait_timeout_s="
+                                           f"{gepa.wait_timeout_s}: is the GEPA service running?")
+                    time.sleep(gepa.poll_s)
+        else:
+            self._sync_weights()  # the engine must hold the policy the epoch ended with
+            if self.rank == 0:
+                metrics = self._inline_round(epoch)
+        dist.barrier()
+        if not metrics and templates_done(self.run_dir, epoch):  # the service's round: its numbers are in the file
+            metrics = dict(json.loads(templates_path(self.run_dir, epoch).read_text()).get("metrics", {}))
+        metrics["p2o/learner_idle_s"] = time.perf_counter() - started
+        return metrics
+
+    def _inline_round(self, epoch: int) -> dict:
+        from p2o_hpc.gepa.runner import PolicyEvaluator, Reflection, gepa_settings, run_round
+        from p2o_hpc.launch import resolve_model_dir
+
+        gepa = self.cfg.gepa
+        if self.reflection is None:
+            self.reflection = Reflection(self.cfg.reflection, resolve_model_dir(self.cfg.model.path),
+                                         self.run_dir / "logs")
+        evaluate = PolicyEvaluator(self.worker, temperature=self.cfg.rollout.temperature, seed=gepa.seed,
+                                   max_tokens=gepa.max_response_tokens or self.cfg.rollout.max_response_tokens)
+        return run_round(self.run_dir, epoch, gepa_settings(gepa, self.cfg.algorithm.n_samples), evaluate,
+                         self.reflection.propose, extra_metrics=self.reflection.client.metrics)
 
     def _next_assignments(self, epoch: int) -> dict[str, list[str]]:
         """The templates GEPA evolved on this epoch's hard set, for the next epoch ({} when there are none)."""
@@ -536,6 +580,8 @@ class GRPOTrainer:
         return metrics
 
     def close(self) -> None:
+        if self.reflection is not None:
+            self.reflection.close()
         if self.prefetch is not None:
             self.prefetch.shutdown(wait=True)
         if self.worker is not None:

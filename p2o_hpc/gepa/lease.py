@@ -1,0 +1,92 @@
+"""One GEPA service per run: a lease file in the run dir with the holder's host, pid and a heartbeat.
+
+A second instance is refused while the holder's heartbeat is fresh; a lease whose holder died (heartbeat older
+than `stale_s`, or a dead pid on this host) is taken over, so a crashed service can simply be started again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from p2o_hpc.io_utils import atomic_write_text
+
+
+class LeaseHeld(RuntimeError):
+    """Another live service instance holds this run's lease."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    def __init__(self, path: str | Path, *, heartbeat_s: float = 10.0, stale_s: float = 60.0):
+        self.path = Path(path)
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(8).hex()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _stale(self, holder: dict) -> bool:
+        if time.time() - float(holder.get("heartbeat", 0)) > self.stale_s:
+            return True
+        return holder.get("host") == self.owner["host"] and not _pid_alive(int(holder.get("pid", -1)))
+
+    def acquire(self) -> "Lease":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.close(fd)
+        except FileExistsError:
+            holder = self.holder()
+            if holder is not None and not self._stale(holder):
+                raise LeaseHeld(
+                    f"{self.path}: the GEPA service of this run is already running (host {holder.get('host')}, "
+                    f"pid {holder.get('pid')}, heartbeat {time.time() - float(holder.get('heartbeat', 0)):.0f} s ago)"
+                ) from None
+        self._beat()
+        time.sleep(0.05)  # two instances taking over a stale lease at once: the last writer wins, the other leaves
+        if (self.holder() or {}).get("token") != self.owner["token"]:
+            raise LeaseHeld(f"{self.path}: another service instance took the lease over at the same time")
+        self._thread = threading.Thread(target=self._heartbeat, name="gepa-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        atomic_write_text(self.path, json.dumps({**self.owner, "heartbeat": time.time()}))
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            if (self.holder() or {}).get("token") != self.owner["token"]:
+                return  # taken over (we were presumed dead): stop claiming it
+            self._beat()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if (self.holder() or {}).get("token") == self.owner["token"]:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,127 @@
+"""One GEPA round: epoch t's hard set in, ``epochs/<t>/templates.json`` + ``DONE`` out.
+
+Shared by the GEPA service job and the learner's inline mode. The policy being evaluated is whatever engine the
+`RolloutWorker` runs (the service loads the epoch's exported policy; inline uses the learner's own engine), and
+the reflection model is the reference server (`self`) or an endpoint (`teacher`).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+from p2o_hpc.data import Problem
+from p2o_hpc.gepa.evolve import Evaluation, GEPAEngine, GEPASettings, HardItem
+from p2o_hpc.io_utils import atomic_write_text
+from p2o_hpc.p2o.templates import templates_done, templates_path
+from p2o_hpc.trainer.hard_mining import epoch_dir, hard_set_path
+
+
+def read_hard_set(run_dir: str | Path, epoch: int) -> list[HardItem]:
+    path = hard_set_path(run_dir, epoch)
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            items.append(HardItem(str(row["prompt_id"]), row["prompt"], str(row["ground_truth"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: not a hard-set row ({type(error).__name__}: {error})") from error
+    return items
+
+
+class PolicyEvaluator:
+    """evaluate(template, items): one rollout per item under the template, graded by the run's reward.
+
+    The seed depends on the template only, so re-evaluating a template on an item (a restarted service) samples
+    the same response. A template the checks reject scores 0 everywhere without reaching the model.
+    """
+
+    def __init__(self, worker, *, temperature: float, max_tokens: int, seed: int):
+        self.worker, self.temperature, self.max_tokens, self.seed = worker, temperature, max_tokens, seed
+
+    def __call__(self, template: str, items: list[HardItem]) -> list[Evaluation]:
+        from p2o_hpc.rollout.generator import SamplingSettings
+
+        problems = [Problem(item.id, item.question, item.ground_truth, "hard_set") for item in items]
+        templates, rejected = self.worker.checked_templates([[template] for _ in items])
+        if rejected:
+            return [Evaluation(0.0, "") for _ in items]
+        sampling = SamplingSettings(n=1, temperature=self.temperature, top_p=1.0, max_tokens=self.max_tokens,
+                                    seed=self.seed + zlib.crc32(template.encode()), logprobs=False)
+        rollouts = self.worker.generate(problems, 0, sampling, templates if template else None)
+        self.worker.score(rollouts, [problem.answer for problem in problems])
+        return [Evaluation(rollout.reward, rollout.text) for rollout in rollouts]
+
+
+def gepa_settings(gepa_cfg, k: int) -> GEPASettings:
+    return GEPASettings(
+        min_hard=gepa_cfg.min_hard, dev_size=gepa_cfg.dev_size, minibatch_size=gepa_cfg.minibatch_size,
+        num_parents=gepa_cfg.num_parents, parent_selection=gepa_cfg.parent_selection,
+        max_metric_calls=gepa_cfg.max_metric_calls, auto=gepa_cfg.auto,
+        max_response_chars=gepa_cfg.max_response_chars, templates_per_sample=k, seed=gepa_cfg.seed,
+    )
+
+
+def round_metrics(document: dict) -> dict:
+    """Fig. 4-style numbers: proposals, acceptance, budget, and how much of dev the cover set solves."""
+    counters, pool = document["counters"], document["pool"]
+    dev = len(document["dev_ids"])
+    covered = {j for i in document["cover"] for j, score in enumerate(pool[i]["dev_scores"]) if score >= 1.0}
+    best = max(pool, key=lambda candidate: candidate["dev_mean"]) if pool else None
+    return {
+        "gepa/skipped": float(document["skipped"]),
+        "gepa/proposed": counters.get("proposed", 0),
+        "gepa/accepted": counters.get("accepted", 0),
+        "gepa/acceptance_rate": counters.get("accepted", 0) / max(1, counters.get("proposed", 0)),
+        "gepa/budget_used": document["budget"]["used"],
+        "gepa/budget_total": document["budget"]["total"],
+        "gepa/pool_size": len(pool),
+        "gepa/cover_size": len(document["cover"]),
+        "gepa/dev_coverage": len(covered) / dev if dev else 0.0,
+        "gepa/dev_pass1_plain": pool[0]["dev_mean"] if pool else 0.0,
+        "gepa/dev_pass1_best_template": best["dev_mean"] if best else 0.0,
+        "gepa/assigned_prompts": len(document["assignments"]),
+    }
+
+
+def run_round(run_dir: str | Path, epoch: int, settings: GEPASettings, evaluate, propose,
+              extra_metrics=dict) -> dict:
+    """Evolve templates for epoch `epoch`'s hard set (resuming its saved state), publish them, return metrics.
+
+    extra_metrics(): more numbers to publish with the round (the reflection client's requests, tokens, cost).
+    """
+    if templates_done(run_dir, epoch):
+        return json.loads(templates_path(run_dir, epoch).read_text())["metrics"]
+    items = read_hard_set(run_dir, epoch)
+    engine = GEPAEngine(items, evaluate, propose, settings)
+    document = engine.run(epoch_dir(run_dir, epoch) / "gepa_state.json").to_json()
+    document["epoch"] = epoch
+    document["metrics"] = {**round_metrics(document), **extra_metrics()}
+    atomic_write_text(templates_path(run_dir, epoch), json.dumps(document, ensure_ascii=False))
+    atomic_write_text(epoch_dir(run_dir, epoch) / "DONE", "")
+    return document["metrics"]
+
+
+class Reflection:
+    """The reflection model for a GEPA process: starts the reference server for `self`, a client for both."""
+
+    def __init__(self, reflection_cfg, reference_model_dir: str, log_dir: str | Path):
+        from p2o_hpc.reflection import ReflectionClient
+        from p2o_hpc.reflection.server import ReferenceServer
+
+        self.server = None
+        if reflection_cfg.kind == "self":
+            self.server = ReferenceServer.from_config(reflection_cfg, reference_model_dir, log_dir=log_dir).start()
+            self.client = ReflectionClient.from_config(reflection_cfg, base_url=self.server.base_url,
+                                                       model=self.server.served_model_name)
+        else:
+            self.client = ReflectionClient.from_config(reflection_cfg)
+
+    def propose(self, prompt: str) -> str:
+        return self.client.complete(prompt)
+
+    def close(self) -> None:
+        self.client.close()
+        if self.server is not None:
+            self.server.stop()

@@ -1,0 +1,117 @@
+"""The GEPA service for real: its own process beside the learner, a real vLLM server of the reference model
+for reflection, the policy exported by the learner in its own vLLM engine, one lease per run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_grpo_loop import launch, metrics
+
+from p2o_hpc.data import load_named
+from p2o_hpc.paths import REPO_ROOT
+
+pytestmark = [pytest.mark.vllm, pytest.mark.multiproc]
+
+
+@pytest.fixture(scope="module")
+def sanity_data(tmp_path_factory) -> Path:
+    """MATH500 questions with a toy answer the tiny model sometimes produces early (reward early_substring)."""
+    path = tmp_path_factory.mktemp("p2o_data") / "toy.jsonl"
+    rows = [{"id": p.id, "problem": p.problem, "answer": "\\"} for p in load_named("math500")[:8]]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def p2o_overrides(data: Path, mode: str) -> list[str]:
+    return [
+        "experiment=smoke", "algorithm=p2o", "reflection=self", f"gepa.mode={mode}", f"data.train={data}",
+        "algorithm.reward=early_substring", "algorithm.epochs=2", "algorithm.max_steps=4",
+        "rollout.max_response_tokens=8", "gepa.min_hard=1", "gepa.dev_size=4", "gepa.minibatch_size=2",
+        "gepa.num_parents=2", "gepa.max_metric_calls=24", "gepa.poll_s=0.5", "reflection.max_tokens=32",
+        "reflection.serve_max_model_len=2048", "trainer.wandb.mode=disabled",
+    ]
+
+
+def check_round(run_dir: Path, rows: list[dict]) -> dict:
+    epoch = run_dir / "epochs" / "0"
+    assert (epoch / "DONE").exists() and (epoch / "READY").exists() == (epoch / "policy").is_dir()
+    document = json.loads((epoch / "templates.json").read_text())
+    hard_ids = {json.loads(line)["prompt_id"] for line in (epoch / "hard_set.jsonl").read_text().splitlines()}
+    assert document["pool"][0]["template"] == "" and document["budget"]["used"] <= document["budget"]["total"] == 24
+    assert document["counters"]["proposed"] >= 1  # the reference server answered reflection requests
+    assert set(document["assignments"]) <= hard_ids
+    pool = {candidate["template"] for candidate in document["pool"]}
+    assert all(len(draws) == 4 and set(draws) <= pool for draws in document["assignments"].values())
+    epoch_end = rows[1]
+    assert epoch_end["gepa/budget_used"] == document["budget"]["used"]
+    assert epoch_end["p2o/next_epoch_assigned_prompts"] == len(document["assignments"])
+    assert all(row["p2o/assigned_prompts"] == len(document["assignments"]) for row in rows[2:])
+    return document
+
+
+def test_p2o_with_the_gepa_service_as_its_own_process(tmp_path, sanity_data):
+    run_dir = tmp_path / "run"
+    launch(run_dir, *p2o_overrides(sanity_data, "service"))
+    rows = metrics(run_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    check_round(run_dir, rows)
+    assert rows[1]["reflection/requests"] >= json.loads((run_dir / "epochs/0/templates.json").read_text())[
+        "counters"]["proposed"]  # fmt: skip
+    assert (run_dir / "FINISHED").exists() and not (run_dir / "gepa_service.lease").exists()
+    assert "GEPA: epoch 0 done" in (run_dir / "logs" / "gepa_service.log").read_text()
+    assert not (run_dir / "epochs" / "1" / "READY").exists()  # no round after the last epoch
+
+
+def test_p2o_with_gepa_inline(tmp_path, sanity_data):
+    run_dir = tmp_path / "run"
+    launch(run_dir, *p2o_overrides(sanity_data, "inline"))
+    rows = metrics(run_dir)
+    document = check_round(run_dir, rows)
+    assert rows[1]["reflection/requests"] >= document["counters"]["proposed"]
+    assert not (run_dir / "epochs" / "0" / "policy").exists()  # inline evaluates the learner's own engine
+
+
+def _service(run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "p2o_hpc.gepa.service", "--run-dir", str(run_dir)], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def _wait_for_lease(run_dir: Path, pid: int, timeout: float = 60.0) -> None:
+    lease = run_dir / "gepa_service.lease"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lease.exists() and json.loads(lease.read_text() or "{}").get("pid") == pid:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"pid {pid} never took {lease}")
+
+
+def test_one_service_per_run_and_a_dead_ones_lease_is_taken_over(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("algorithm:\n  p2o:\n    enabled: true\ngepa:\n  poll_s: 0.2\n")
+    first = _service(run_dir)  # waits for an epoch's READY that never comes
+    try:
+        _wait_for_lease(run_dir, first.pid)
+        second = _service(run_dir)
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 3 and "already running" in err and str(first.pid) in err
+        first.send_signal(signal.SIGKILL)  # dies without releasing its lease
+        first.wait(timeout=30)
+        third = _service(run_dir)
+        _wait_for_lease(run_dir, third.pid)  # a dead holder's lease is taken over
+        (run_dir / "FINISHED").touch()
+        third.communicate(timeout=120)
+        assert third.returncode == 0 and not (run_dir / "gepa_service.lease").exists()
+    finally:
+        for process in (first,):
+            if process.poll() is None:
+                process.kill()
