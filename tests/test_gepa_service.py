@@ -30,12 +30,11 @@ def sanity_data(tmp_path_factory) -> Path:
 
 
 def p2o_overrides(data: Path, mode: str) -> list[str]:
+    """The smoke preset (small GEPA budget) on the toy data: 8 prompts, 2 steps an epoch, 2 epochs."""
     return [
         "experiment=smoke", "algorithm=p2o", "reflection=self", f"gepa.mode={mode}", f"data.train={data}",
-        "algorithm.reward=early_substring", "algorithm.epochs=2", "algorithm.max_steps=4",
-        "rollout.max_response_tokens=8", "gepa.min_hard=1", "gepa.dev_size=4", "gepa.minibatch_size=2",
-        "gepa.num_parents=2", "gepa.max_metric_calls=24", "gepa.poll_s=0.5", "reflection.max_tokens=32",
-        "reflection.serve_max_model_len=2048", "trainer.wandb.mode=disabled",
+        "data.limit=8", "algorithm.reward=early_substring", "algorithm.max_steps=4", "rollout.max_response_tokens=8",
+        "reflection.temperature=0", "trainer.wandb.mode=disabled",
     ]
 
 
@@ -56,9 +55,15 @@ def check_round(run_dir: Path, rows: list[dict]) -> dict:
     return document
 
 
-def test_p2o_with_the_gepa_service_as_its_own_process(tmp_path, sanity_data):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def service_run(tmp_path_factory, sanity_data) -> Path:
+    run_dir = tmp_path_factory.mktemp("service") / "run"
     launch(run_dir, *p2o_overrides(sanity_data, "service"))
+    return run_dir
+
+
+def test_p2o_with_the_gepa_service_as_its_own_process(service_run):
+    run_dir = service_run
     rows = metrics(run_dir)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     check_round(run_dir, rows)
@@ -115,3 +120,54 @@ def test_one_service_per_run_and_a_dead_ones_lease_is_taken_over(tmp_path):
         for process in (first,):
             if process.poll() is None:
                 process.kill()
+
+
+def _copy_round_inputs(source: Path, target: Path) -> Path:
+    """What the learner hands the service for epoch 0 (config, hard set, exported policy, READY) and FINISHED."""
+    import shutil
+
+    (target / "epochs" / "0").mkdir(parents=True)
+    shutil.copy(source / "config.yaml", target / "config.yaml")
+    for name in ("hard_set.jsonl", "READY"):
+        shutil.copy(source / "epochs" / "0" / name, target / "epochs" / "0" / name)
+    shutil.copytree(source / "epochs" / "0" / "policy", target / "epochs" / "0" / "policy")
+    (target / "FINISHED").touch()  # the service stops after the rounds that are ready
+    return target
+
+
+def _round_result(run_dir: Path) -> dict:
+    document = json.loads((run_dir / "epochs" / "0" / "templates.json").read_text())
+    return {key: document[key] for key in ("pool", "dev_ids", "cover", "assignments", "budget", "counters")}
+
+
+def test_killed_service_resumes_to_the_same_result(tmp_path, service_run):
+    """kill -9 mid-evolution, restart: same templates, same budget, nothing charged twice (greedy reflection)."""
+    straight = _copy_round_inputs(service_run, tmp_path / "straight")
+    service = _service(straight)
+    service.communicate(timeout=600)
+    assert service.returncode == 0
+    expected = _round_result(straight)
+    assert expected["counters"]["parent_steps"] >= 2
+
+    killed = _copy_round_inputs(service_run, tmp_path / "killed")
+    service = _service(killed)
+    state = killed / "epochs" / "0" / "gepa_state.json"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and service.poll() is None:
+        if state.exists() and json.loads(state.read_text())["counters"]["parent_steps"] >= 1:
+            break
+        time.sleep(0.05)
+    assert service.poll() is None, "the round finished before it could be killed"
+    saved = json.loads(state.read_text())
+    assert not saved["finished"] and saved["budget"]["used"] < expected["budget"]["used"]
+    service.send_signal(signal.SIGKILL)
+    service.wait(timeout=30)
+    assert not (killed / "epochs" / "0" / "DONE").exists()
+
+    restarted = _service(killed)  # takes over the dead instance's lease and resumes the round
+    out, err = restarted.communicate(timeout=600)
+    assert restarted.returncode == 0, err[-3000:]
+    assert _round_result(killed) == expected
+    # the SIGKILLed instance's reference server died with it (parent-death signal), the others stopped cleanly
+    leftovers = subprocess.run(["pgrep", "-f", "vllm.entrypoints.openai.api_server"], capture_output=True, text=True)
+    assert not leftovers.stdout.split(), leftovers.stdout

@@ -69,9 +69,10 @@ def test_smoke_experiment(tmp_path, parallel):
             assert key in row, key
         assert row["rollout/logprob_gap_max"] < 0.05  # refit check ran every step and the sync held
         assert row["response/length_mean"] > 0
-    assert rows[-1]["hard/size"] >= 1  # the tiny model solves nothing: every prompt is hard
+    assert [row["epoch"] for row in rows] == [0, 1]  # one step per epoch
+    assert rows[0]["hard/size"] == 4  # the tiny model solves nothing: every prompt is hard
     hard = [json.loads(line) for line in (run_dir / "epochs" / "0" / "hard_set.jsonl").read_text().splitlines()]
-    assert len(hard) == rows[-1]["hard/size"]
+    assert len(hard) == rows[0]["hard/size"]
     assert {"prompt_id", "prompt", "ground_truth", "rewards", "failed_responses"} <= set(hard[0])
     assert len(hard[0]["rewards"]) == 4 and hard[0]["failed_responses"]
     assert (run_dir / "checkpoints" / "step_4" / "COMPLETE").exists()  # 2 steps × 2 mini-batches

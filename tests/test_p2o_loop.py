@@ -30,7 +30,8 @@ def write_templates(run_dir, epoch: int) -> None:
 def test_templates_are_rolled_out_and_distilled(tmp_path, algorithm):
     run_dir = tmp_path / "run"
     write_templates(run_dir, 0)
-    launch(run_dir, "experiment=smoke", f"algorithm={algorithm}", "algorithm.epochs=2", "algorithm.max_steps=4")
+    launch(run_dir, "experiment=smoke", f"algorithm={algorithm}", "data.limit=8", "algorithm.max_steps=4",
+           "gepa.mode=off")
     rows = metrics(run_dir)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     for row in rows[:2]:  # epoch 0: no templates yet

