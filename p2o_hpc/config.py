@@ -92,6 +92,9 @@ class GEPAConfig:
     """Template evolution per epoch (Algorithms 2–4); defaults are the paper's, else the authors' code."""
 
     mode: str = "service"  # service: its own process/job; inline: inside the learner (single box); off
+    # blocking: the learner waits for epoch t's templates before epoch t+1 (the paper); overlap (service mode):
+    # epoch t+1 starts with the prompts that need no template, last epoch's hard prompts wait for the templates.
+    schedule: str = "blocking"
     min_hard: int = 100  # fewer hard prompts: no GEPA round, the next epoch is plain GRPO
     dev_size: int = 300
     minibatch_size: int = 3  # reflection minibatch B
@@ -204,6 +207,9 @@ def validate(cfg: RunConfig) -> None:
         (algo.p2o.cd_mask in ("hard", "soft", "none"), "algorithm.p2o.cd_mask must be hard, soft or none"),
         (algo.p2o.template_max_tokens >= 1, "algorithm.p2o.template_max_tokens must be ≥ 1"),
         (cfg.gepa.mode in ("service", "inline", "off"), "gepa.mode must be service, inline or off"),
+        (cfg.gepa.schedule in ("blocking", "overlap"), "gepa.schedule must be blocking or overlap"),
+        (not (cfg.gepa.schedule == "overlap" and cfg.gepa.mode != "service"),
+         "gepa.schedule=overlap needs gepa.mode=service (inline GEPA runs in the learner's own time)"),
         (cfg.gepa.parent_selection in ("pareto_mean", "instance_best_count"),
          "gepa.parent_selection must be pareto_mean or instance_best_count"),
         (cfg.reflection.kind in ("self", "teacher", "none"), "reflection.kind must be self, teacher or none"),

@@ -328,3 +328,33 @@ def test_loader_errors():
         PromptLoader(_toy(10), 2, seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match="fingerprint"):
         PromptLoader(list(reversed(_toy(10))), 2, seed=0).load_state_dict(state)
+
+
+def test_loader_defer_moves_problems_behind_the_rest_and_resumes():
+    problems = [Problem(f"p{i}", f"q{i}", "1", "toy") for i in range(12)]
+    loader = PromptLoader(problems, 3, seed=7)
+    first = loader.next_batch()
+    untouched = PromptLoader(problems, 3, seed=7).permutation(0)
+    hard = {p.id for p in problems[:6]} - {p.id for p in first}
+    assert loader.defer(hard) == len(hard)
+    rest = [loader.next_batch() for _ in range(3)]
+    served = [p.id for batch in rest for p in batch]
+    assert sorted(served + [p.id for p in first]) == sorted(p.id for p in problems)  # nothing lost or repeated
+    flags = [pid in hard for pid in served]
+    assert flags == sorted(flags)  # every deferred problem after every other one
+    kept = [problems[i].id for i in untouched[3:] if problems[i].id not in hard]
+    assert [pid for pid in served if pid not in hard] == kept  # the others keep their order
+    # resuming mid-epoch reproduces the deferred order; the next epoch is a plain permutation again
+    again = PromptLoader(problems, 3, seed=7)
+    again.load_state_dict(json.loads(json.dumps(_state_after(problems, hard, batches=2))))
+    assert [p.id for p in again.next_batch()] == [p.id for p in rest[1]]
+    assert loader.epoch == 1 and loader.permutation(1) == PromptLoader(problems, 3, seed=7).permutation(1)
+
+
+def _state_after(problems, hard, batches):
+    loader = PromptLoader(problems, 3, seed=7)
+    loader.next_batch()
+    loader.defer(hard)
+    for _ in range(batches - 1):
+        loader.next_batch()
+    return loader.state_dict()

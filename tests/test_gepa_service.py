@@ -171,3 +171,19 @@ def test_killed_service_resumes_to_the_same_result(tmp_path, service_run):
     # the SIGKILLed instance's reference server died with it (parent-death signal), the others stopped cleanly
     leftovers = subprocess.run(["pgrep", "-f", "vllm.entrypoints.openai.api_server"], capture_output=True, text=True)
     assert not leftovers.stdout.split(), leftovers.stdout
+
+
+def test_overlap_schedule_defers_hard_prompts_until_their_templates_land(tmp_path, sanity_data):
+    run_dir = tmp_path / "run"
+    launch(run_dir, *p2o_overrides(sanity_data, "service"), "gepa.schedule=overlap")
+    rows = metrics(run_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    deferred = rows[1]["p2o/deferred_prompts"]
+    assert deferred == rows[1]["hard/size"] >= 1 and "p2o/learner_idle_s" not in rows[1]  # epoch 0 ended unblocked
+    in_batch = [rows[2]["p2o/deferred_in_batch"], rows[3]["p2o/deferred_in_batch"]]
+    assert sum(in_batch) == deferred and in_batch == sorted(in_batch)  # the waiting prompts come last
+    landed = [row for row in rows[2:] if "p2o/templates_landed_epoch" in row]
+    assert len(landed) == 1 and landed[0]["p2o/templates_landed_epoch"] == 0
+    first_with_hard = next(row for row in rows[2:] if row["p2o/deferred_in_batch"])
+    assert first_with_hard["step"] >= landed[0]["step"]  # no hard prompt was served before its templates
+    assert "p2o/learner_idle_s" in landed[0] or landed[0]["step"] < first_with_hard["step"]

@@ -41,6 +41,7 @@ class PromptLoader:
         self._perm_epoch: int | None = None
         self._perm: list[int] = []
         self._fingerprint = _fingerprint(self._problems)
+        self._deferred: dict | None = None  # {"epoch", "from_position", "ids"}: see defer()
 
     @property
     def epoch(self) -> int:
@@ -71,13 +72,35 @@ class PromptLoader:
         if self._perm_epoch != epoch:
             perm = list(range(len(self._problems)))
             random.Random(self._seed + epoch).shuffle(perm)
+            deferred = self._deferred
+            if deferred is not None and deferred["epoch"] == epoch:
+                # Batches not served yet: the same order, with the deferred problems moved behind the others.
+                cut = deferred["from_position"] * self._batch_size
+                ids = set(deferred["ids"])
+                rest = perm[cut:]
+                perm = (perm[:cut] + [i for i in rest if self._problems[i].id not in ids]
+                        + [i for i in rest if self._problems[i].id in ids])
             self._perm_epoch, self._perm = epoch, perm
         return self._perm
 
-    def next_batch(self) -> list[Problem]:
+    def defer(self, ids) -> int:
+        """Serve these problems last in the rest of the current epoch (P²O's overlap schedule: prompts that wait
+        for their templates come after those that need none). Returns how many of them are still to come."""
+        ids = sorted(set(ids))
+        self._deferred = {"epoch": self._epoch, "from_position": self._position, "ids": ids}
+        self._perm_epoch = None
+        start = self._position * self._batch_size
+        wanted = set(ids)
+        return sum(self._problems[i].id in wanted for i in self.permutation(self._epoch)[start:])
+
+    def peek_batch(self) -> list[Problem]:
+        """The batch next_batch() will return, without taking it."""
         perm = self.permutation(self._epoch)
         start = self._position * self._batch_size
-        batch = [self._problems[i] for i in perm[start:start + self._batch_size]]
+        return [self._problems[i] for i in perm[start:start + self._batch_size]]
+
+    def next_batch(self) -> list[Problem]:
+        batch = self.peek_batch()
         self._position += 1
         self._epoch_finished = self._position >= self.steps_per_epoch
         if self._epoch_finished:
@@ -100,6 +123,7 @@ class PromptLoader:
             "drop_last": self._drop_last,
             "num_problems": len(self._problems),
             "fingerprint": self._fingerprint,
+            "deferred": self._deferred,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -117,6 +141,8 @@ class PromptLoader:
                              f"(steps_per_epoch {self.steps_per_epoch})")
         self._epoch, self._position = epoch, position
         self._epoch_finished = bool(state.get("epoch_finished", False))
+        self._deferred = state.get("deferred")
+        self._perm_epoch = None
 
 
 def _fingerprint(problems: Sequence[Problem]) -> str:

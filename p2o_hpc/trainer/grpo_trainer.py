@@ -124,6 +124,9 @@ class GRPOTrainer:
         self.stop_step = self.total_steps  # this job's last step (trainer.stop_after_steps), set once resumed
         self.pending: dict | None = None  # one-step off-policy: the next step's rollouts, generated ahead
         self.assignments: dict[str, list[str]] = {}  # P²O: this epoch's templates for last epoch's hard prompts
+        # Overlap schedule: the epoch whose templates are still being evolved, and its hard prompts (served last).
+        self.awaiting: int | None = None
+        self.deferred_ids: list[str] = []
         self._resume()
         if cfg.trainer.stop_after_steps is not None:
             self.stop_step = min(self.total_steps, self.step + cfg.trainer.stop_after_steps)
@@ -177,13 +180,15 @@ class GRPOTrainer:
         self.miner.load_state_dict(state["miner"])
         self.pending = state["pending"]
         self.assignments = state.get("assignments", {})
+        self.awaiting, self.deferred_ids = state.get("awaiting"), state.get("deferred_ids", [])
         set_rng_state(state["rng"])
         if self.rank == 0:
             self.console.print(f"resumed from {checkpoint} at step {self.step}")
 
     def _save(self) -> None:
         state = {"step": self.step, "loader": self.loader.state_dict(), "miner": self.miner.state_dict(),
-                 "pending": self.pending, "assignments": self.assignments, "rng": rng_state()}
+                 "pending": self.pending, "assignments": self.assignments, "awaiting": self.awaiting,
+                 "deferred_ids": self.deferred_ids, "rng": rng_state()}
         save_checkpoint(self.learner, self.checkpoint_root, rank_state=state, keep=self.cfg.trainer.keep_checkpoints)
 
     # ------------------------------------------------------------------------------------------ rollout side
@@ -256,9 +261,34 @@ class GRPOTrainer:
         }
 
     def _next_problems(self) -> dict:
+        """Collective (the overlap schedule may wait here for templates): the next batch of prompts."""
+        gate = self._templates_gate() if self.awaiting is not None else {}
         problems = self.loader.next_batch()
-        return {"problems": problems, "epoch_finished": self.loader.epoch_finished,
+        if self.deferred_ids:
+            gate["p2o/deferred_in_batch"] = sum(problem.id in set(self.deferred_ids) for problem in problems)
+        return {"problems": problems, "epoch_finished": self.loader.epoch_finished, "gate": gate,
                 "epoch": self.loader.epoch - 1 if self.loader.epoch_finished else self.loader.epoch}
+
+    def _templates_gate(self) -> dict:
+        """Overlap schedule: take the templates once they have landed; wait only when the next batch holds a
+        prompt that is waiting for its template. Returns the learner's idle time and the round's numbers."""
+        epoch = self.awaiting
+        needs = any(problem.id in set(self.deferred_ids) for problem in self.loader.peek_batch())
+        verdict = [None]
+        if self.rank == 0:
+            started = time.perf_counter()
+            if needs:
+                self._wait_for_templates(epoch)
+            verdict[0] = (templates_done(self.run_dir, epoch), time.perf_counter() - started)
+        dist.broadcast_object_list(verdict, src=0)
+        done, idle = verdict[0]
+        gate = {"p2o/learner_idle_s": idle} if needs else {}
+        if done:
+            self.assignments = load_assignments(self.run_dir, epoch)
+            self.awaiting = None
+            gate.update(json.loads(templates_path(self.run_dir, epoch).read_text()).get("metrics", {}))
+            gate["p2o/templates_landed_epoch"] = epoch
+        return gate
 
     # ------------------------------------------------------------------------------------------ learner side
 
@@ -457,6 +487,7 @@ class GRPOTrainer:
         metrics = self._step_metrics(batch, rollouts, advantages, update_metrics, timer, refit)
         metrics.update(distillation)
         metrics.update(self._p2o_metrics(batch, rollouts, advantages))
+        metrics.update(batch.get("gate", {}))
         metrics["time/step"] = time.perf_counter() - step_started
         self.step += 1
         self._mine(batch, rollouts)
@@ -476,13 +507,19 @@ class GRPOTrainer:
                            [r.text for r in group])
 
     def _end_epoch(self, epoch: int) -> dict:
-        size = len(self.miner.hard_set())
+        hard_ids = [row["prompt_id"] for row in self.miner.hard_set()]
+        size = len(hard_ids)
         if self.rank == 0:
             path, size = self.miner.write(self.run_dir, epoch)
             self.console.print(f"epoch {epoch}: {size} hard prompts → {path}")
         self.miner.reset()
         metrics = {"epoch": epoch, "hard/size": size, "hard/fraction": size / max(1, len(self.problems))}
         if self.cfg.algorithm.p2o.enabled and self.step < self.total_steps:
+            if self.cfg.gepa.schedule == "overlap" and not templates_done(self.run_dir, epoch):
+                self._hand_over(epoch)
+                self.assignments, self.awaiting, self.deferred_ids = {}, epoch, sorted(hard_ids)
+                metrics["p2o/deferred_prompts"] = self.loader.defer(hard_ids)
+                return metrics
             metrics.update(self._evolve_templates(epoch))
             self.assignments = self._next_assignments(epoch)
             metrics["p2o/next_epoch_assigned_prompts"] = len(self.assignments)
@@ -500,20 +537,10 @@ class GRPOTrainer:
         started = time.perf_counter()
         metrics: dict = {}
         if gepa.mode == "service":
-            save_hf_folder(self.learner.model, self.arch, self.model_dir, epoch_dir(self.run_dir, epoch) / "policy",
-                           write=self.rank == 0, bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 1024**2)
+            self._hand_over(epoch)
             if self.rank == 0:
-                atomic_write_text(epoch_dir(self.run_dir, epoch) / "READY", "")
                 self.console.print(f"epoch {epoch}: waiting for the GEPA service's templates")
-                deadline = time.monotonic() + gepa.wait_timeout_s
-                while not templates_done(self.run_dir, epoch):
-                    failure = self.run_dir / "gepa_service.failed"
-                    if failure.exists():
-                        raise RuntimeError(f"the GEPA service failed ({failure}): {failure.read_text().strip()}")
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"no {epoch_dir(self.run_dir, epoch) / 'DONE'} after gepa.wait_timeout_s="
-                                           f"{gepa.wait_timeout_s}: is the GEPA service running?")
-                    time.sleep(gepa.poll_s)
+                self._wait_for_templates(epoch)
         else:
             self._sync_weights()  # the engine must hold the policy the epoch ended with
             if self.rank == 0:
@@ -523,6 +550,26 @@ class GRPOTrainer:
             metrics = dict(json.loads(templates_path(self.run_dir, epoch).read_text()).get("metrics", {}))
         metrics["p2o/learner_idle_s"] = time.perf_counter() - started
         return metrics
+
+    def _hand_over(self, epoch: int) -> None:
+        """Collective: the epoch's policy as a HF folder next to its hard set, then READY for the service."""
+        save_hf_folder(self.learner.model, self.arch, self.model_dir, epoch_dir(self.run_dir, epoch) / "policy",
+                       write=self.rank == 0, bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 1024**2)
+        if self.rank == 0:
+            atomic_write_text(epoch_dir(self.run_dir, epoch) / "READY", "")
+
+    def _wait_for_templates(self, epoch: int) -> None:
+        """Rank 0: poll for DONE; a failed service or gepa.wait_timeout_s stops the run with the cause."""
+        gepa = self.cfg.gepa
+        deadline = time.monotonic() + gepa.wait_timeout_s
+        while not templates_done(self.run_dir, epoch):
+            failure = self.run_dir / "gepa_service.failed"
+            if failure.exists():
+                raise RuntimeError(f"the GEPA service failed ({failure}): {failure.read_text().strip()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {epoch_dir(self.run_dir, epoch) / 'DONE'} after gepa.wait_timeout_s="
+                                   f"{gepa.wait_timeout_s}: is the GEPA service running?")
+            time.sleep(gepa.poll_s)
 
     def _inline_round(self, epoch: int) -> dict:
         from p2o_hpc.gepa.runner import PolicyEvaluator, Reflection, gepa_settings, run_round
