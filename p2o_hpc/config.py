@@ -105,6 +105,7 @@ class GEPAConfig:
     max_response_chars: int = 4000  # failed responses in the reflection feedback keep their end
     max_response_tokens: Optional[int] = None  # evaluation rollouts; null → rollout.max_response_tokens
     seed: int = 0
+    eval_pass_at_k: bool = True  # pass@1/pass@K on dev with vs without the best template (outside the budget)
     wait_timeout_s: float = 24 * 3600.0  # blocking schedule: longest the learner waits for templates
     poll_s: float = 5.0
 

@@ -50,6 +50,8 @@ def check_round(run_dir: Path, rows: list[dict]) -> dict:
     assert all(len(draws) == 4 and set(draws) <= pool for draws in document["assignments"].values())
     epoch_end = rows[1]
     assert epoch_end["gepa/budget_used"] == document["budget"]["used"]
+    assert 0 <= epoch_end["gepa/dev_pass@1_plain"] <= epoch_end["gepa/dev_pass@4_plain"] <= 1  # K=4 rollouts each
+    assert 0 <= epoch_end["gepa/dev_pass@1_best_template"] <= epoch_end["gepa/dev_pass@4_best_template"] <= 1
     assert epoch_end["p2o/next_epoch_assigned_prompts"] == len(document["assignments"])
     assert all(row["p2o/assigned_prompts"] == len(document["assignments"]) for row in rows[2:])
     return document

@@ -53,6 +53,35 @@ class PolicyEvaluator:
         self.worker.score(rollouts, [problem.answer for problem in problems])
         return [Evaluation(rollout.reward, rollout.text) for rollout in rollouts]
 
+    def scores_k(self, template: str, items: list[HardItem], k: int) -> list[list[float]]:
+        """k rollouts per item under the template (for pass@1 / pass@k; not part of GEPA's budget)."""
+        from p2o_hpc.rollout.generator import SamplingSettings
+
+        problems = [Problem(item.id, item.question, item.ground_truth, "hard_set") for item in items]
+        templates, rejected = self.worker.checked_templates([[template] * k for _ in items])
+        if rejected:
+            return [[0.0] * k for _ in items]
+        sampling = SamplingSettings(n=k, temperature=self.temperature, top_p=1.0, max_tokens=self.max_tokens,
+                                    seed=self.seed + 7919 + zlib.crc32(template.encode()), logprobs=False)
+        rollouts = self.worker.generate(problems, 0, sampling, templates if template else None)
+        self.worker.score(rollouts, [problems[rollout.prompt_index].answer for rollout in rollouts])
+        return [[rollout.reward for rollout in rollouts[i * k : (i + 1) * k]] for i in range(len(items))]
+
+
+def pass_at_k_metrics(evaluate: PolicyEvaluator, items: list[HardItem], document: dict, k: int) -> dict:
+    """pass@1 and pass@k on the hard dev set, on the plain prompt and under the best template (Fig. 4)."""
+    dev = set(document["dev_ids"])
+    dev_items = [item for item in items if item.id in dev]
+    if not dev_items or not document["pool"]:
+        return {}
+    best = max(document["pool"], key=lambda candidate: candidate["dev_mean"])
+    metrics = {}
+    for name, template in (("plain", ""), ("best_template", best["template"])):
+        scores = evaluate.scores_k(template, dev_items, k)
+        metrics[f"gepa/dev_pass@1_{name}"] = sum(map(sum, scores)) / (k * len(scores))
+        metrics[f"gepa/dev_pass@{k}_{name}"] = sum(max(row) >= 1.0 for row in scores) / len(scores)
+    return metrics
+
 
 def gepa_settings(gepa_cfg, k: int) -> GEPASettings:
     return GEPASettings(
@@ -79,17 +108,18 @@ def round_metrics(document: dict) -> dict:
         "gepa/pool_size": len(pool),
         "gepa/cover_size": len(document["cover"]),
         "gepa/dev_coverage": len(covered) / dev if dev else 0.0,
-        "gepa/dev_pass1_plain": pool[0]["dev_mean"] if pool else 0.0,
-        "gepa/dev_pass1_best_template": best["dev_mean"] if best else 0.0,
+        "gepa/dev_score_plain": pool[0]["dev_mean"] if pool else 0.0,  # the seed ε's single-rollout dev score
+        "gepa/dev_score_best_template": best["dev_mean"] if best else 0.0,
         "gepa/assigned_prompts": len(document["assignments"]),
     }
 
 
 def run_round(run_dir: str | Path, epoch: int, settings: GEPASettings, evaluate, propose,
-              extra_metrics=dict) -> dict:
+              extra_metrics=dict, pass_at_k: bool = True) -> dict:
     """Evolve templates for epoch `epoch`'s hard set (resuming its saved state), publish them, return metrics.
 
     extra_metrics(): more numbers to publish with the round (the reflection client's requests, tokens, cost).
+    pass_at_k: also measure pass@1/pass@K on dev with and without the best template (2·K·|dev| extra rollouts).
     """
     if templates_done(run_dir, epoch):
         return json.loads(templates_path(run_dir, epoch).read_text())["metrics"]
@@ -97,7 +127,10 @@ def run_round(run_dir: str | Path, epoch: int, settings: GEPASettings, evaluate,
     engine = GEPAEngine(items, evaluate, propose, settings)
     document = engine.run(epoch_dir(run_dir, epoch) / "gepa_state.json").to_json()
     document["epoch"] = epoch
-    document["metrics"] = {**round_metrics(document), **extra_metrics()}
+    document["metrics"] = round_metrics(document)
+    if pass_at_k and not document["skipped"] and hasattr(evaluate, "scores_k"):
+        document["metrics"].update(pass_at_k_metrics(evaluate, items, document, settings.templates_per_sample))
+    document["metrics"].update(extra_metrics())
     atomic_write_text(templates_path(run_dir, epoch), json.dumps(document, ensure_ascii=False))
     atomic_write_text(epoch_dir(run_dir, epoch) / "DONE", "")
     return document["metrics"]

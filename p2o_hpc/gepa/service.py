@@ -67,7 +67,8 @@ def serve(run_dir: Path, console: Console, *, max_rounds: int | None = None) -> 
                 evaluate = PolicyEvaluator(worker, temperature=cfg.rollout.temperature, seed=cfg.gepa.seed,
                                            max_tokens=cfg.gepa.max_response_tokens or cfg.rollout.max_response_tokens)
                 metrics = run_round(run_dir, epoch, gepa_settings(cfg.gepa, cfg.algorithm.n_samples), evaluate,
-                                    reflection.propose, extra_metrics=reflection.client.metrics)
+                                    reflection.propose, extra_metrics=reflection.client.metrics,
+                                    pass_at_k=cfg.gepa.eval_pass_at_k)
             finally:
                 worker.close()
             console.print(f"GEPA: epoch {epoch} done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

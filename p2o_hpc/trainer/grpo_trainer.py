@@ -582,7 +582,8 @@ class GRPOTrainer:
         evaluate = PolicyEvaluator(self.worker, temperature=self.cfg.rollout.temperature, seed=gepa.seed,
                                    max_tokens=gepa.max_response_tokens or self.cfg.rollout.max_response_tokens)
         return run_round(self.run_dir, epoch, gepa_settings(gepa, self.cfg.algorithm.n_samples), evaluate,
-                         self.reflection.propose, extra_metrics=self.reflection.client.metrics)
+                         self.reflection.propose, extra_metrics=self.reflection.client.metrics,
+                         pass_at_k=gepa.eval_pass_at_k)
 
     def _next_assignments(self, epoch: int) -> dict[str, list[str]]:
         """The templates GEPA evolved on this epoch's hard set, for the next epoch ({} when there are none)."""
