@@ -26,12 +26,13 @@ def write_templates(run_dir, epoch: int) -> None:
     (path.parent / "DONE").touch()
 
 
-@pytest.mark.parametrize("algorithm", ["p2o", "p2o_no_cd"])
-def test_templates_are_rolled_out_and_distilled(tmp_path, algorithm):
+@pytest.mark.parametrize(("algorithm", "parallel"), [("p2o", "tp2"), ("p2o", "pp2"), ("p2o_no_cd", "tp1")])
+def test_templates_are_rolled_out_and_distilled(tmp_path, algorithm, parallel):
+    """CD under TP (vocab-parallel log-probs of both prompts) and PP (they exist on the last stage only)."""
     run_dir = tmp_path / "run"
     write_templates(run_dir, 0)
-    launch(run_dir, "experiment=smoke", f"algorithm={algorithm}", "data.limit=8", "algorithm.max_steps=4",
-           "gepa.mode=off")
+    launch(run_dir, "experiment=smoke", f"algorithm={algorithm}", f"parallel={parallel}", "data.limit=8",
+           "algorithm.max_steps=4", "gepa.mode=off")
     rows = metrics(run_dir)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     for row in rows[:2]:  # epoch 0: no templates yet

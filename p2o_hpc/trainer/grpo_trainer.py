@@ -312,7 +312,8 @@ class GRPOTrainer:
             return {}
         pairs = [(batch, generation_micro_batch(rollouts, batch, PAD_ID)) for batch in micro_batches]
         pairs = [(batch, templated) for batch, templated in pairs if templated is not None]
-        self._collect_logprobs(self.learner.model, [templated for _, templated in pairs], "templated_logprobs")
+        if pairs:  # the same on every rank of a model-parallel group (they hold the same micro-batches)
+            self._collect_logprobs(self.learner.model, [templated for _, templated in pairs], "templated_logprobs")
         ratios, weights = [], []
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for batch, templated in pairs:
