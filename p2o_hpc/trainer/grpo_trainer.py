@@ -9,7 +9,6 @@ its data-parallel share.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -35,9 +34,10 @@ from p2o_hpc.io_utils import atomic_write_text
 from p2o_hpc.megatron.hf_weights import export_hf_weights, load_hf_weights, save_hf_folder
 from p2o_hpc.megatron.model_provider import build_gpt_model, build_transformer_config, read_hf_architecture
 from p2o_hpc.megatron.training import OptimSettings, build_learner, train_step
-from p2o_hpc.trainer.hard_mining import HardSampleMiner, epoch_dir
+from p2o_hpc.trainer.hard_mining import HardSampleMiner
 from p2o_hpc.trainer.metrics import MetricsSink, PhaseTimer
-from p2o_hpc.p2o.templates import load_assignments, rollout_templates, templates_done, templates_path
+from p2o_hpc.p2o.template_exchange import TemplateExchange
+from p2o_hpc.p2o.templates import rollout_templates
 from p2o_hpc.trainer.rollout_batch import (
     Rollout,
     generation_micro_batch,
@@ -123,10 +123,14 @@ class GRPOTrainer:
         self.step = 0
         self.stop_step = self.total_steps  # this job's last step (trainer.stop_after_steps), set once resumed
         self.pending: dict | None = None  # one-step off-policy: the next step's rollouts, generated ahead
-        self.assignments: dict[str, list[str]] = {}  # P²O: this epoch's templates for last epoch's hard prompts
-        # Overlap schedule: the epoch whose templates are still being evolved, and its hard prompts (served last).
-        self.awaiting: int | None = None
-        self.deferred_ids: list[str] = []
+        self.worker = None
+        self.exchange = TemplateExchange(
+            cfg, run_dir, rank=self.rank, console=self.console, sync_weights=self._sync_weights,
+            export_policy=lambda path: save_hf_folder(self.learner.model, self.arch, self.model_dir, path,
+                                                      write=self.rank == 0,
+                                                      bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 1024**2),
+            worker=lambda: self.worker,
+        )
         self._resume()
         if cfg.trainer.stop_after_steps is not None:
             self.stop_step = min(self.total_steps, self.step + cfg.trainer.stop_after_steps)
@@ -135,7 +139,7 @@ class GRPOTrainer:
         flags = [None] * dist.get_world_size()
         dist.all_gather_object(flags, local_rank == 0)
         self.host_ranks = [rank for rank, is_host in enumerate(flags) if is_host]
-        self.worker, self.prefetch, self.sink, self.reflection = None, None, None, None
+        self.prefetch, self.sink = None, None
         try:
             self.worker = self._start_rollout_worker() if local_rank == 0 else None
             self.prefetch = ThreadPoolExecutor(1) if algo.one_step_off_policy and self.worker else None
@@ -179,16 +183,14 @@ class GRPOTrainer:
         self.loader.load_state_dict(state["loader"])
         self.miner.load_state_dict(state["miner"])
         self.pending = state["pending"]
-        self.assignments = state.get("assignments", {})
-        self.awaiting, self.deferred_ids = state.get("awaiting"), state.get("deferred_ids", [])
+        self.exchange.load_state_dict(state.get("p2o", {}))
         set_rng_state(state["rng"])
         if self.rank == 0:
             self.console.print(f"resumed from {checkpoint} at step {self.step}")
 
     def _save(self) -> None:
         state = {"step": self.step, "loader": self.loader.state_dict(), "miner": self.miner.state_dict(),
-                 "pending": self.pending, "assignments": self.assignments, "awaiting": self.awaiting,
-                 "deferred_ids": self.deferred_ids, "rng": rng_state()}
+                 "pending": self.pending, "p2o": self.exchange.state_dict(), "rng": rng_state()}
         save_checkpoint(self.learner, self.checkpoint_root, rank_state=state, keep=self.cfg.trainer.keep_checkpoints)
 
     # ------------------------------------------------------------------------------------------ rollout side
@@ -230,10 +232,11 @@ class GRPOTrainer:
         """Per problem, the P²O templates of its K rollouts (checked; a rejected one falls back to the plain
         prompt); None when no problem of this share has an assignment."""
         p2o = self.cfg.algorithm.p2o
-        if not (p2o.enabled and any(problem.id in self.assignments for problem in problems)):
+        assignments = self.exchange.assignments
+        if not (p2o.enabled and any(problem.id in assignments for problem in problems)):
             return None, 0
         templates = [
-            rollout_templates(self.assignments.get(problem.id), self.cfg.algorithm.n_samples,
+            rollout_templates(assignments.get(problem.id), self.cfg.algorithm.n_samples,
                               same_template_in_group=p2o.same_template_in_group,
                               keep_one_plain_rollout=p2o.keep_one_plain_rollout)
             for problem in problems
@@ -262,33 +265,11 @@ class GRPOTrainer:
 
     def _next_problems(self) -> dict:
         """Collective (the overlap schedule may wait here for templates): the next batch of prompts."""
-        gate = self._templates_gate() if self.awaiting is not None else {}
+        gate = self.exchange.before_batch(self.loader)
         problems = self.loader.next_batch()
-        if self.deferred_ids:
-            gate["p2o/deferred_in_batch"] = sum(problem.id in set(self.deferred_ids) for problem in problems)
+        gate.update(self.exchange.batch_metrics(problems))
         return {"problems": problems, "epoch_finished": self.loader.epoch_finished, "gate": gate,
                 "epoch": self.loader.epoch - 1 if self.loader.epoch_finished else self.loader.epoch}
-
-    def _templates_gate(self) -> dict:
-        """Overlap schedule: take the templates once they have landed; wait only when the next batch holds a
-        prompt that is waiting for its template. Returns the learner's idle time and the round's numbers."""
-        epoch = self.awaiting
-        needs = any(problem.id in set(self.deferred_ids) for problem in self.loader.peek_batch())
-        verdict = [None]
-        if self.rank == 0:
-            started = time.perf_counter()
-            if needs:
-                self._wait_for_templates(epoch)
-            verdict[0] = (templates_done(self.run_dir, epoch), time.perf_counter() - started)
-        dist.broadcast_object_list(verdict, src=0)
-        done, idle = verdict[0]
-        gate = {"p2o/learner_idle_s": idle} if needs else {}
-        if done:
-            self.assignments = load_assignments(self.run_dir, epoch)
-            self.awaiting = None
-            gate.update(json.loads(templates_path(self.run_dir, epoch).read_text()).get("metrics", {}))
-            gate["p2o/templates_landed_epoch"] = epoch
-        return gate
 
     # ------------------------------------------------------------------------------------------ learner side
 
@@ -352,10 +333,11 @@ class GRPOTrainer:
         templated = [r.reward for r in rollouts if r.template]
         plain = [r.reward for r in rollouts if not r.template]
         k = self.cfg.algorithm.n_samples
-        hard_groups = [i for i, problem in enumerate(batch["problems"]) if problem.id in self.assignments]
+        assignments = self.exchange.assignments
+        hard_groups = [i for i, problem in enumerate(batch["problems"]) if problem.id in assignments]
         metrics = {"p2o/templated_frac": len(templated) / max(1, len(rollouts)),
                    "p2o/templates_rejected": batch.get("templates_rejected", 0),
-                   "p2o/assigned_prompts": len(self.assignments)}
+                   "p2o/assigned_prompts": len(assignments)}
         if templated:
             metrics["p2o/reward_templated"] = float(np.mean(templated))
         if plain:
@@ -516,83 +498,8 @@ class GRPOTrainer:
         self.miner.reset()
         metrics = {"epoch": epoch, "hard/size": size, "hard/fraction": size / max(1, len(self.problems))}
         if self.cfg.algorithm.p2o.enabled and self.step < self.total_steps:
-            if self.cfg.gepa.schedule == "overlap" and not templates_done(self.run_dir, epoch):
-                self._hand_over(epoch)
-                self.assignments, self.awaiting, self.deferred_ids = {}, epoch, sorted(hard_ids)
-                metrics["p2o/deferred_prompts"] = self.loader.defer(hard_ids)
-                return metrics
-            metrics.update(self._evolve_templates(epoch))
-            self.assignments = self._next_assignments(epoch)
-            metrics["p2o/next_epoch_assigned_prompts"] = len(self.assignments)
+            metrics.update(self.exchange.end_epoch(epoch, hard_ids, self.loader))
         return metrics
-
-    def _evolve_templates(self, epoch: int) -> dict:
-        """Collective: hand this epoch's hard set and policy to GEPA and wait for its templates (blocking schedule).
-
-        service: the policy is exported as a HF folder, READY is written, and the learner waits for DONE.
-        inline: the engine host runs the round itself on its own engine (the authors' single-box layout).
-        """
-        gepa = self.cfg.gepa
-        if gepa.mode == "off" or templates_done(self.run_dir, epoch):
-            return {}
-        started = time.perf_counter()
-        metrics: dict = {}
-        if gepa.mode == "service":
-            self._hand_over(epoch)
-            if self.rank == 0:
-                self.console.print(f"epoch {epoch}: waiting for the GEPA service's templates")
-                self._wait_for_templates(epoch)
-        else:
-            self._sync_weights()  # the engine must hold the policy the epoch ended with
-            if self.rank == 0:
-                metrics = self._inline_round(epoch)
-        dist.barrier()
-        if not metrics and templates_done(self.run_dir, epoch):  # the service's round: its numbers are in the file
-            metrics = dict(json.loads(templates_path(self.run_dir, epoch).read_text()).get("metrics", {}))
-        metrics["p2o/learner_idle_s"] = time.perf_counter() - started
-        return metrics
-
-    def _hand_over(self, epoch: int) -> None:
-        """Collective: the epoch's policy as a HF folder next to its hard set, then READY for the service."""
-        save_hf_folder(self.learner.model, self.arch, self.model_dir, epoch_dir(self.run_dir, epoch) / "policy",
-                       write=self.rank == 0, bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 1024**2)
-        if self.rank == 0:
-            atomic_write_text(epoch_dir(self.run_dir, epoch) / "READY", "")
-
-    def _wait_for_templates(self, epoch: int) -> None:
-        """Rank 0: poll for DONE; a failed service or gepa.wait_timeout_s stops the run with the cause."""
-        gepa = self.cfg.gepa
-        deadline = time.monotonic() + gepa.wait_timeout_s
-        while not templates_done(self.run_dir, epoch):
-            failure = self.run_dir / "gepa_service.failed"
-            if failure.exists():
-                raise RuntimeError(f"the GEPA service failed ({failure}): {failure.read_text().strip()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no {epoch_dir(self.run_dir, epoch) / 'DONE'} after gepa.wait_timeout_s="
-                                   f"{gepa.wait_timeout_s}: is the GEPA service running?")
-            time.sleep(gepa.poll_s)
-
-    def _inline_round(self, epoch: int) -> dict:
-        from p2o_hpc.gepa.runner import PolicyEvaluator, Reflection, gepa_settings, run_round
-        from p2o_hpc.launch import resolve_model_dir
-
-        gepa = self.cfg.gepa
-        if self.reflection is None:
-            self.reflection = Reflection(self.cfg.reflection, resolve_model_dir(self.cfg.model.path),
-                                         self.run_dir / "logs")
-        evaluate = PolicyEvaluator(self.worker, temperature=self.cfg.rollout.temperature, seed=gepa.seed,
-                                   max_tokens=gepa.max_response_tokens or self.cfg.rollout.max_response_tokens)
-        return run_round(self.run_dir, epoch, gepa_settings(gepa, self.cfg.algorithm.n_samples), evaluate,
-                         self.reflection.propose, extra_metrics=self.reflection.client.metrics,
-                         pass_at_k=gepa.eval_pass_at_k)
-
-    def _next_assignments(self, epoch: int) -> dict[str, list[str]]:
-        """The templates GEPA evolved on this epoch's hard set, for the next epoch ({} when there are none)."""
-        if not templates_done(self.run_dir, epoch):
-            if self.rank == 0:
-                self.console.print(f"epoch {epoch}: no templates (epochs/{epoch}/DONE missing): next epoch is plain GRPO")
-            return {}
-        return load_assignments(self.run_dir, epoch)
 
     def _step_metrics(self, batch, rollouts, advantages, update_metrics, timer, refit) -> dict:
         k = self.cfg.algorithm.n_samples
@@ -629,8 +536,7 @@ class GRPOTrainer:
         return metrics
 
     def close(self) -> None:
-        if self.reflection is not None:
-            self.reflection.close()
+        self.exchange.close()
         if self.prefetch is not None:
             self.prefetch.shutdown(wait=True)
         if self.worker is not None:
