@@ -41,31 +41,31 @@ class PolicyEvaluator:
         self.worker, self.temperature, self.max_tokens, self.seed = worker, temperature, max_tokens, seed
 
     def __call__(self, template: str, items: list[HardItem]) -> list[Evaluation]:
-        from p2o_hpc.rollout.generator import SamplingSettings
-
-        problems = [Problem(item.id, item.question, item.ground_truth, "hard_set") for item in items]
-        templates, rejected = self.worker.checked_templates([[template] for _ in items])
-        if rejected:
+        rollouts = self._rollouts(template, items, 1, seed_offset=0)
+        if rollouts is None:
             return [Evaluation(0.0, "") for _ in items]
-        sampling = SamplingSettings(n=1, temperature=self.temperature, top_p=1.0, max_tokens=self.max_tokens,
-                                    seed=self.seed + zlib.crc32(template.encode()), logprobs=False)
-        rollouts = self.worker.generate(problems, 0, sampling, templates if template else None)
-        self.worker.score(rollouts, [problem.answer for problem in problems])
         return [Evaluation(rollout.reward, rollout.text) for rollout in rollouts]
 
     def scores_k(self, template: str, items: list[HardItem], k: int) -> list[list[float]]:
         """k rollouts per item under the template (for pass@1 / pass@k; not part of GEPA's budget)."""
+        rollouts = self._rollouts(template, items, k, seed_offset=7919)
+        if rollouts is None:
+            return [[0.0] * k for _ in items]
+        return [[rollout.reward for rollout in rollouts[i * k : (i + 1) * k]] for i in range(len(items))]
+
+    def _rollouts(self, template: str, items: list[HardItem], k: int, *, seed_offset: int):
+        """k graded rollouts per item, prompt-major; None when the template is rejected (it never runs)."""
         from p2o_hpc.rollout.generator import SamplingSettings
 
         problems = [Problem(item.id, item.question, item.ground_truth, "hard_set") for item in items]
         templates, rejected = self.worker.checked_templates([[template] * k for _ in items])
         if rejected:
-            return [[0.0] * k for _ in items]
+            return None
         sampling = SamplingSettings(n=k, temperature=self.temperature, top_p=1.0, max_tokens=self.max_tokens,
-                                    seed=self.seed + 7919 + zlib.crc32(template.encode()), logprobs=False)
+                                    seed=self.seed + seed_offset + zlib.crc32(template.encode()), logprobs=False)
         rollouts = self.worker.generate(problems, 0, sampling, templates if template else None)
         self.worker.score(rollouts, [problems[rollout.prompt_index].answer for rollout in rollouts])
-        return [[rollout.reward for rollout in rollouts[i * k : (i + 1) * k]] for i in range(len(items))]
+        return rollouts
 
 
 def pass_at_k_metrics(evaluate: PolicyEvaluator, items: list[HardItem], document: dict, k: int) -> dict:

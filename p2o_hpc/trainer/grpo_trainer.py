@@ -355,9 +355,7 @@ class GRPOTrainer:
             for batch in micro_batches:
                 for row, index in enumerate(batch["rollout_index"].tolist()):
                     if index < count:
-                        start = len(rollouts[index].prompt_ids) - 1
-                        stop = len(rollouts[index].sequence) - 1
-                        mine[index] = batch["old_logprobs"][row, start:stop].tolist()
+                        mine[index] = batch["old_logprobs"][row, response_slice(rollouts[index])].tolist()
         learner_parts = [None] * dist.get_world_size()
         dist.all_gather_object(learner_parts, mine)
         verdict = [None]
