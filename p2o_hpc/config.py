@@ -7,7 +7,7 @@ Defaults are the paper's setup (Qwen3-4B, K=6, T=0.6, lr 1e-6, 128 prompts per s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -37,9 +37,6 @@ class DataConfig:
 
 @dataclass
 class HardMiningConfig:
-    # A prompt is hard when its success rate over K rollouts is < threshold; null → "all K failed".
-    threshold: Optional[float] = None
-    near_hard: bool = False  # also prompts with exactly one success (as the authors' code does)
     failed_responses: int = 3  # failed responses kept per hard prompt, for GEPA's reflection
     max_response_chars: int = 4000
 
@@ -68,6 +65,9 @@ class AlgorithmConfig:
     micro_batch_size: int = 4  # sequences per forward/backward on one DP rank
     epochs: int = 5
     max_steps: Optional[int] = None  # stop early (smoke runs, tests)
+    # A prompt is hard when its success rate over the K rollouts is ≤ tau: 0 → all K failed (the paper);
+    # 0.17 with K=6 → at most one success (the authors' code mines these "near-hard" prompts too).
+    tau: float = 0.0
     advantage: str = "grpo"
     adv_eps: float = 1e-6
     policy_loss: str = "ppo_clip"
@@ -85,6 +85,17 @@ class AlgorithmConfig:
     lr_decay_style: str = "constant"
     hard: HardMiningConfig = field(default_factory=HardMiningConfig)
     p2o: P2OConfig = field(default_factory=P2OConfig)
+
+
+@dataclass
+class GEPAResources:
+    """The GEPA service job's own allocation on SLURM (null → the cluster's setting)."""
+
+    gpus: int = 1  # (when cluster.gpus) the policy's vLLM engine and, for reflection=self, the reference server
+    cpus: int = 8
+    mem_gb: Optional[int] = 64
+    time_min: Optional[int] = None  # null → cluster.time_min
+    partition: Optional[str] = None
 
 
 @dataclass
@@ -108,13 +119,28 @@ class GEPAConfig:
     eval_pass_at_k: bool = True  # pass@1/pass@K on dev with vs without the best template (outside the budget)
     wait_timeout_s: float = 24 * 3600.0  # blocking schedule: longest the learner waits for templates
     poll_s: float = 5.0
+    resources: GEPAResources = field(default_factory=GEPAResources)
+    max_restarts: int = 3  # a service job that dies while its learner lives is resubmitted this often
 
 
 @dataclass
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
-    data: int = 1  # world size = tensor × pipeline × data
+    data: int = 1  # world size = tensor × pipeline × data = nodes × gpus_per_node
+    nodes: int = 1
+    gpus_per_node: Optional[int] = None  # learner ranks per node (on CPU: processes); null → world size / nodes
+    # torch.distributed rendezvous: a peer that has not joined by then fails the job (collectives have their own,
+    # longer trainer.collective_timeout_s).
+    init_timeout_s: float = 300.0
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor * self.pipeline * self.data
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus_per_node or self.world_size // max(1, self.nodes)
 
 
 @dataclass
@@ -145,7 +171,41 @@ class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "p2o_hpc"
     entity: Optional[str] = None
-    name: Optional[str] = None
+    name: Optional[str] = None  # null → the run dir's name (a sweep point's overrides)
+    group: Optional[str] = None  # null → the sweep's name, so a sweep's points sit together
+
+
+@dataclass
+class LoggingConfig:
+    """Where step metrics go besides <run_dir>/metrics.jsonl (always written)."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # rich progress bar on rank 0 (off in batch logs if it clutters them)
+
+
+@dataclass
+class ClusterConfig:
+    """Where the jobs run. local: processes on this machine; slurm: submitit jobs (site presets in conf/cluster/)."""
+
+    kind: str = "local"  # local | slurm
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    gpus: bool = False  # request GPUs: parallel.gpus_per_node per learner node, gepa.resources.gpus for the service
+    cpus_per_task: int = 8
+    mem_gb: Optional[int] = None  # per node; null → the partition's default
+    time_min: int = 240  # walltime per allocation; the run continues over requeues
+    signal_delay_s: int = 120  # SLURM sends USR2 this long before the walltime ends: checkpoint and requeue
+    max_num_timeout: int = 20  # requeues after timeouts; preemptions do not count
+    # Seconds after the USR2 after which a step still running is abandoned (requeue from the last checkpoint)
+    # so the requeue happens before SLURM kills the job; null → signal_delay_s − 30.
+    abandon_after_s: Optional[float] = None
+    setup: list[str] = field(default_factory=list)  # shell lines before the job: module load, venv, container
+    srun_args: list[str] = field(default_factory=list)  # e.g. ["--container-image=…"] on pyxis sites
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # other sbatch options, e.g. {mail_type: END}
+    poll_s: float = 10.0  # how often the launcher polls job states
+    submitit_folder: str = "slurm"  # job scripts and logs, relative to the run dir (%j = job id)
 
 
 @dataclass
@@ -159,7 +219,6 @@ class TrainerConfig:
     stop_after_steps: Optional[int] = None
     # Generation of a long batch happens while other ranks wait in a collective: the timeout must exceed it.
     collective_timeout_s: float = 3600.0
-    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -173,7 +232,10 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     gepa: GEPAConfig = field(default_factory=GEPAConfig)
     reflection: ReflectionConfig = field(default_factory=ReflectionConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: Optional[str] = None  # default: Hydra's output dir
+    resume: Optional[str] = None  # a run dir: continue that run with its saved config (only cluster.* may change)
 
 
 def register_configs() -> None:
@@ -201,9 +263,16 @@ def validate(cfg: RunConfig) -> None:
         (cfg.model.params_dtype in ("fp32", "bf16", "fp16"), "model.params_dtype must be fp32, bf16 or fp16"),
         (algo.loss_agg in ("token-mean", "seq-mean-token-mean"),
          "algorithm.loss_agg must be token-mean or seq-mean-token-mean"),
-        (cfg.trainer.wandb.mode in ("offline", "online", "disabled"),
-         "trainer.wandb.mode must be offline, online or disabled"),
-        (min(cfg.parallel.tensor, cfg.parallel.pipeline, dp) >= 1, "parallel.* sizes must be ≥ 1"),
+        (cfg.logging.wandb.mode in ("offline", "online", "disabled"),
+         "logging.wandb.mode must be offline, online or disabled"),
+        (min(cfg.parallel.tensor, cfg.parallel.pipeline, dp, cfg.parallel.nodes) >= 1, "parallel.* sizes must be ≥ 1"),
+        (cfg.parallel.nodes * cfg.parallel.ranks_per_node == cfg.parallel.world_size,
+         f"parallel.nodes={cfg.parallel.nodes} × parallel.gpus_per_node={cfg.parallel.ranks_per_node} must equal "
+         f"the world size tensor×pipeline×data = {cfg.parallel.world_size}"),
+        (cfg.cluster.kind in ("local", "slurm"), "cluster.kind must be local or slurm"),
+        (cfg.cluster.kind == "slurm" or cfg.parallel.nodes == 1,
+         f"parallel.nodes={cfg.parallel.nodes} needs cluster=slurm (a local run has one node)"),
+        (0.0 <= algo.tau < 1.0, f"algorithm.tau={algo.tau} must be in [0, 1) (success rate ≤ tau is hard)"),
         (cfg.rollout.backend == "vllm", "rollout.backend: only 'vllm' is implemented"),
         (algo.p2o.cd_mask in ("hard", "soft", "none"), "algorithm.p2o.cd_mask must be hard, soft or none"),
         (algo.p2o.template_max_tokens >= 1, "algorithm.p2o.template_max_tokens must be ≥ 1"),

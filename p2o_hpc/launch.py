@@ -1,8 +1,9 @@
 """Main entry point, a Hydra app: ``python -m p2o_hpc.launch [experiment=smoke] [parallel=tp2] [key=value …]``.
 
-Composes the config (conf/), resolves the model, writes the resolved config into the run dir, starts the
-learner ranks (local processes; SLURM jobs via the launcher issue) and ends with one line ``run_dir=<path>``
-that scripts grep for. Re-running with the same ``hydra.run.dir`` resumes from its latest complete checkpoint.
+Composes the config (conf/), resolves the model, writes the resolved config into the run dir, runs the learner
+(cluster=local: local processes; cluster=slurm: submitit jobs, supervised until they end) and ends with one line
+``run_dir=<path>`` that scripts grep for. ``-m`` sweeps go through p2o_hpc.cluster.sweep_launcher. Re-running
+with the same ``hydra.run.dir``, or ``resume=<run dir>``, continues from the latest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 
 from p2o_hpc.config import RunConfig, register_configs, to_run_config, validate
-from p2o_hpc.io_utils import atomic_write_text
 
 
 def resolve_model_dir(path: str) -> str:
@@ -35,24 +36,33 @@ def resolve_model_dir(path: str) -> str:
     return snapshot_download(repo_id=path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
 
 
-def run(cfg: RunConfig, run_dir: Path) -> Path:
-    """Train in local processes (tensor × pipeline × data of them); returns the run dir."""
+def run_local(cfg: RunConfig, run_dir: Path, model_dir: str) -> None:
+    """The learner ranks as local processes (tensor × pipeline × data of them), the GEPA service beside them."""
     from p2o_hpc.megatron.distributed import launch_local
     from p2o_hpc.trainer.grpo_trainer import run_worker
 
-    validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model_dir(cfg.model.path)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    (run_dir / "FINISHED").unlink(missing_ok=True)
-    world_size = cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.data
     service = start_gepa_service(run_dir) if cfg.algorithm.p2o.enabled and cfg.gepa.mode == "service" else None
     try:
-        launch_local(run_worker, world_size, asdict(cfg), str(run_dir), model_dir)
+        launch_local(run_worker, cfg.parallel.world_size, asdict(cfg), str(run_dir), model_dir)
     finally:
         if service is not None:
             stop_gepa_service(service, run_dir)
-    return run_dir
+
+
+def resumed(cfg: RunConfig, explicit: list[str]) -> tuple[RunConfig, Path]:
+    """`resume=<run dir>`: that run's saved config; only where it runs (cluster.*) may change."""
+    run_dir = Path(cfg.resume).resolve()
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"resume={cfg.resume}: {saved} does not exist (not a run dir?)")
+    allowed = ("resume=", "cluster=", "cluster.", "hydra.", "+hydra.")
+    changed = [item for item in explicit if not item.lstrip("~+").startswith(allowed)]
+    if changed:
+        raise ValueError(f"resume={cfg.resume} continues the run with its saved config; these overrides would "
+                         f"change it: {changed} (only cluster=… / cluster.* may differ)")
+    resumed_cfg = to_run_config(OmegaConf.load(saved))
+    resumed_cfg.cluster, resumed_cfg.resume, resumed_cfg.run_dir = cfg.cluster, None, str(run_dir)
+    return resumed_cfg, run_dir
 
 
 def start_gepa_service(run_dir: Path) -> subprocess.Popen:
@@ -80,11 +90,34 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    """One run (a -m sweep goes through p2o_hpc.cluster.sweep_launcher instead)."""
+    from p2o_hpc.cluster.runs import RunHandle, point_latest, prepare_run_dir, report, submit_to_slurm, supervise
+
     run_cfg = to_run_config(cfg)
-    run_dir = Path(run_cfg.run_dir or HydraConfig.get().runtime.output_dir).resolve()
-    run(run_cfg, run_dir)
+    overrides = list(HydraConfig.get().overrides.task)
+    if run_cfg.resume:
+        run_cfg, run_dir = resumed(run_cfg, overrides)
+    else:
+        run_dir = Path(run_cfg.run_dir or HydraConfig.get().runtime.output_dir).resolve()
+    validate(run_cfg)
+    model_dir = resolve_model_dir(run_cfg.model.path)
+    prepare_run_dir(run_cfg, run_dir, overrides=overrides)
+    point_latest(run_dir.parent, run_dir)
+    if run_cfg.cluster.kind == "local":
+        run_local(run_cfg, run_dir, model_dir)
+    else:
+        console = Console()
+        handle = RunHandle(name=run_dir.name, run_dir=run_dir, cfg=run_cfg)
+        submit_to_slurm(handle, model_dir)
+        console.print(f"submitted learner job {handle.learner.job_id}"
+                      + (f" and GEPA service job {handle.service.job_id}" if handle.service else "")
+                      + f" for {run_dir}")
+        supervise([handle], console, run_cfg.cluster.poll_s)
+        if not report([handle], console, summary_dir=None):
+            print(f"run_dir={run_dir}", flush=True)
+            sys.exit(1)
     print(f"run_dir={run_dir}", flush=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

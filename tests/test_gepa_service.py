@@ -34,7 +34,7 @@ def p2o_overrides(data: Path, mode: str) -> list[str]:
     return [
         "experiment=smoke", "algorithm=p2o", "reflection=self", f"gepa.mode={mode}", f"data.train={data}",
         "data.limit=8", "algorithm.reward=early_substring", "algorithm.max_steps=4", "rollout.max_response_tokens=8",
-        "reflection.temperature=0", "trainer.wandb.mode=disabled",
+        "reflection.temperature=0", "logging.wandb.mode=disabled",
     ]
 
 

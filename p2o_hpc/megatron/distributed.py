@@ -27,8 +27,11 @@ def init_megatron(
     *,
     seed: int = 1234,
     timeout_s: float = DEFAULT_INIT_TIMEOUT_S,
+    init_timeout_s: float | None = None,
 ) -> None:
-    """Init the default process group from the env (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and megatron's groups."""
+    """Init the default process group from the env (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and megatron's groups.
+
+    `init_timeout_s` bounds the rendezvous (a peer that never starts fails the job), `timeout_s` the collectives."""
     cpu_compat.enable()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size % (tensor_parallel * pipeline_parallel):
@@ -45,6 +48,9 @@ def init_megatron(
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
             backend=cpu_compat.distributed_backend(),
+            store=rendezvous(init_timeout_s or timeout_s),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     parallel_state.initialize_model_parallel(
@@ -53,6 +59,20 @@ def init_megatron(
         distributed_timeout_minutes=max(1, int(timeout_s // 60)),
     )
     model_parallel_cuda_manual_seed(seed)
+
+
+def rendezvous(timeout_s: float) -> dist.TCPStore:
+    """The TCP store every rank joins; rank 0 waits for all of them, so a missing peer fails in `timeout_s`."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        return dist.TCPStore(host, port, world_size, is_master=rank == 0,
+                             timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=True)
+    except (RuntimeError, TimeoutError) as error:  # DistStoreError / DistNetworkError subclass RuntimeError
+        raise RuntimeError(
+            f"rank {rank}/{world_size}: the rendezvous at {host}:{port} did not complete within {timeout_s:.0f} s "
+            f"(parallel.init_timeout_s): a peer did not start or cannot reach rank 0 ({error})"
+        ) from error
 
 
 def shutdown() -> None:

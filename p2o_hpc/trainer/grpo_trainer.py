@@ -27,10 +27,12 @@ from p2o_hpc.algo.core_algos import get_advantage_estimator
 from p2o_hpc.algo.policy_loss import PolicyLossSettings, make_policy_loss_fn
 from p2o_hpc.config import RunConfig, to_run_config
 from p2o_hpc.data import DATASETS, HF_DATASETS, Problem, PromptLoader, deepmath_recipe, deepscaler_recipe, load_named, load_problems
+from p2o_hpc.cluster.preemption import StopSignal
 from p2o_hpc.megatron.checkpointing import latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
 from p2o_hpc.megatron.distributed import init_megatron
 from p2o_hpc.megatron.forward import forward_collect, next_token_logprobs
 from p2o_hpc.io_utils import atomic_write_text
+from p2o_hpc.lease import Lease
 from p2o_hpc.megatron.hf_weights import export_hf_weights, load_hf_weights, save_hf_folder
 from p2o_hpc.megatron.model_provider import build_gpt_model, build_transformer_config, read_hf_architecture
 from p2o_hpc.megatron.training import OptimSettings, build_learner, train_step
@@ -97,8 +99,10 @@ class GRPOTrainer:
         self.cfg, self.run_dir, self.model_dir = cfg, run_dir, model_dir
         algo = cfg.algorithm
         init_megatron(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.trainer.seed,
-                      timeout_s=cfg.trainer.collective_timeout_s)
+                      timeout_s=cfg.trainer.collective_timeout_s, init_timeout_s=cfg.parallel.init_timeout_s)
         self.rank = dist.get_rank()
+        # Two jobs never train into one run dir; a requeued job waits out its dead predecessor's heartbeat.
+        self.lease = Lease(run_dir / LEARNER_LEASE, role="learner").acquire(wait_s=90.0) if self.rank == 0 else None
         self.console = Console(stderr=False) if self.rank == 0 else None
         self.arch = read_hf_architecture(model_dir)
         self.problems = training_problems(cfg.data)
@@ -117,10 +121,13 @@ class GRPOTrainer:
             kl_coef=algo.kl_coef, kl_penalty=algo.kl_penalty,
         ))
         self.advantage_fn = get_advantage_estimator(algo.advantage)
-        self.miner = HardSampleMiner(threshold=algo.hard.threshold, near_hard=algo.hard.near_hard,
+        self.miner = HardSampleMiner(tau=algo.tau,
                                      failed_responses=algo.hard.failed_responses,
                                      max_response_chars=algo.hard.max_response_chars)
         self.step = 0
+        self.saved_step, self.last_save_s = 0, 0.0
+        self.interrupted = False  # stopped by a signal before the run's last step (the SLURM task requeues)
+        self.stop_signal = StopSignal().install()
         self.stop_step = self.total_steps  # this job's last step (trainer.stop_after_steps), set once resumed
         self.pending: dict | None = None  # one-step off-policy: the next step's rollouts, generated ahead
         self.worker = None
@@ -144,9 +151,10 @@ class GRPOTrainer:
             self.worker = self._start_rollout_worker() if local_rank == 0 else None
             self.prefetch = ThreadPoolExecutor(1) if algo.one_step_off_policy and self.worker else None
             if self.rank == 0:
-                wandb_cfg = cfg.trainer.wandb
+                wandb_cfg = cfg.logging.wandb
                 self.sink = MetricsSink(run_dir, wandb_mode=wandb_cfg.mode, project=wandb_cfg.project,
-                                        entity=wandb_cfg.entity, name=wandb_cfg.name, config=asdict(cfg))
+                                        entity=wandb_cfg.entity, name=wandb_cfg.name or run_dir.name,
+                                        group=wandb_cfg.group, config=asdict(cfg))
                 self.sink.truncate_after(self.step)
         except BaseException:
             self.close()  # a half-built trainer must not leave its vLLM child behind
@@ -179,7 +187,7 @@ class GRPOTrainer:
         state = load_rank_state(checkpoint)
         if state is None:
             raise FileNotFoundError(f"{checkpoint}: no rank_{self.rank}.pt trainer state (not a trainer checkpoint)")
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
         self.loader.load_state_dict(state["loader"])
         self.miner.load_state_dict(state["miner"])
         self.pending = state["pending"]
@@ -189,9 +197,11 @@ class GRPOTrainer:
             self.console.print(f"resumed from {checkpoint} at step {self.step}")
 
     def _save(self) -> None:
+        started = time.perf_counter()
         state = {"step": self.step, "loader": self.loader.state_dict(), "miner": self.miner.state_dict(),
                  "pending": self.pending, "p2o": self.exchange.state_dict(), "rng": rng_state()}
         save_checkpoint(self.learner, self.checkpoint_root, rank_state=state, keep=self.cfg.trainer.keep_checkpoints)
+        self.saved_step, self.last_save_s = self.step, time.perf_counter() - started
 
     # ------------------------------------------------------------------------------------------ rollout side
 
@@ -384,7 +394,8 @@ class GRPOTrainer:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         progress = Progress(TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("{task.description}"), console=self.console, disable=self.rank != 0)
+                            TextColumn("{task.description}"), console=self.console,
+                            disable=self.rank != 0 or not self.cfg.logging.progress)
         try:
             with progress:
                 task = progress.add_task("", total=self.total_steps, completed=self.step)
@@ -393,12 +404,29 @@ class GRPOTrainer:
                     progress.update(task, advance=1, description=(
                         f"reward {metrics['reward/mean']:.3f} loss {metrics['actor/loss']:+.4f} "
                         f"{metrics['time/step']:.1f}s/step"))
+                    if self._stop_for_signal_or_deadline(metrics["time/step"]):
+                        break
             if self.rank == 0 and self.sink is not None:
                 if self.step >= self.total_steps:
                     atomic_write_text(self.run_dir / "FINISHED", "")  # the GEPA service ends with the run
                 self._report()
         finally:
             self.close()
+
+    def _stop_for_signal_or_deadline(self, step_s: float) -> bool:
+        """At a step boundary: checkpoint early when the walltime would end before the next regular checkpoint;
+        on SIGUSR2/SIGTERM checkpoint and stop (the SLURM task then requeues). True → leave the loop."""
+        every = self.cfg.trainer.save_every
+        stop, early = self.stop_signal.poll(step_s=step_s, steps_to_next_save=every - self.step % every,
+                                            margin_s=2 * self.last_save_s + 30.0)
+        if (stop or early) and self.saved_step != self.step:
+            if self.rank == 0:
+                self.console.print(f"step {self.step}: checkpoint "
+                                   f"{'before stopping (signal)' if stop else 'early: the walltime ends before the next one'}")
+            self._save()
+        if stop and self.step < self.total_steps:
+            self.interrupted = True
+        return stop
 
     def _report(self) -> None:
         """Curves (plots/training.png) and a summary table; a plotting problem must not fail a finished run."""
@@ -534,6 +562,9 @@ class GRPOTrainer:
         return metrics
 
     def close(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
         self.exchange.close()
         if self.prefetch is not None:
             self.prefetch.shutdown(wait=True)
@@ -543,6 +574,14 @@ class GRPOTrainer:
             self.sink.close()
 
 
-def run_worker(cfg_dict: dict, run_dir: str, model_dir: str) -> None:
-    """Entry point of one learner rank (spawned locally by `launch`, or started by srun on a cluster)."""
-    GRPOTrainer(to_run_config(cfg_dict), Path(run_dir), model_dir).fit()
+LEARNER_LEASE = "learner.lease"
+
+
+def run_worker(cfg_dict: dict, run_dir: str, model_dir: str, prepare_stop=None) -> GRPOTrainer:
+    """Entry point of one learner rank (spawned locally by `launch`, or a SLURM task); returns the finished
+    trainer, whose `interrupted` says whether a signal stopped it before the run's end."""
+    trainer = GRPOTrainer(to_run_config(cfg_dict), Path(run_dir), model_dir)
+    if prepare_stop is not None:
+        prepare_stop(trainer.stop_signal)
+    trainer.fit()
+    return trainer

@@ -28,20 +28,17 @@ class PromptRecord:
     failed_responses: list[str] = field(default_factory=list)
 
 
-def is_hard(rewards: list[float], *, threshold: float | None, near_hard: bool) -> bool:
-    """threshold None → all K failed; else success rate < threshold. near_hard adds exactly-one-success prompts."""
+def is_hard(rewards: list[float], *, tau: float) -> bool:
+    """Success rate ≤ tau: tau=0 is "all K failed" (the paper); 0.17 at K=6 admits one success (authors' code)."""
     successes = sum(1 for reward in rewards if reward > 0)
-    rate = successes / len(rewards)
-    hard = successes == 0 if threshold is None else rate < threshold
-    return hard or (near_hard and successes == 1)
+    return successes / len(rewards) <= tau + 1e-9
 
 
 class HardSampleMiner:
     """Collects every prompt's rewards over an epoch (a prompt seen twice pools its rollouts)."""
 
-    def __init__(self, *, threshold: float | None, near_hard: bool, failed_responses: int, max_response_chars: int):
-        self.threshold = threshold
-        self.near_hard = near_hard
+    def __init__(self, *, tau: float, failed_responses: int, max_response_chars: int):
+        self.tau = tau
         self.failed_responses = failed_responses
         self.max_response_chars = max_response_chars
         self.records: dict[str, PromptRecord] = {}
@@ -64,7 +61,7 @@ class HardSampleMiner:
                 "failed_responses": record.failed_responses,
             }
             for record in self.records.values()
-            if is_hard(record.rewards, threshold=self.threshold, near_hard=self.near_hard)
+            if is_hard(record.rewards, tau=self.tau)
         ]
 
     def write(self, run_dir: str | Path, epoch: int) -> tuple[Path, int]:

@@ -32,7 +32,7 @@ class PhaseTimer:
 
 class MetricsSink:
     def __init__(self, run_dir: str | Path, *, wandb_mode: str, project: str, entity: str | None, name: str | None,
-                 config: dict):
+                 config: dict, group: str | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._wandb = None
@@ -45,7 +45,7 @@ class MetricsSink:
             atomic_write_text(id_file, run_id)
             os.environ.setdefault("WANDB_SILENT", "true")
             self._wandb = wandb.init(
-                mode=wandb_mode, project=project, entity=entity, name=name, id=run_id, resume="allow",
+                mode=wandb_mode, project=project, entity=entity, name=name, group=group, id=run_id, resume="allow",
                 dir=str(run_dir), config=config,
             )
 

@@ -1,7 +1,9 @@
-"""One GEPA service per run: a lease file in the run dir with the holder's host, pid and a heartbeat.
+"""One writer per run dir and role: a lease file with the holder's host, pid and a heartbeat.
 
-A second instance is refused while the holder's heartbeat is fresh; a lease whose holder died (heartbeat older
-than `stale_s`, or a dead pid on this host) is taken over, so a crashed service can simply be started again.
+Used for the learner (`learner.lease`: two jobs never train into the same run dir) and the GEPA service
+(`gepa_service.lease`). A second holder is refused while the heartbeat is fresh; a lease whose holder died
+(heartbeat older than `stale_s`, or a dead pid on this host) is taken over, so a crashed or requeued job simply
+starts again. Works on shared file systems where flock does not.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from p2o_hpc.io_utils import atomic_write_text
 
 
 class LeaseHeld(RuntimeError):
-    """Another live service instance holds this run's lease."""
+    """Another live process holds this lease."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -31,8 +33,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Lease:
-    def __init__(self, path: str | Path, *, heartbeat_s: float = 10.0, stale_s: float = 60.0):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, *, heartbeat_s: float = 10.0, stale_s: float = 60.0, role: str = "process"):
+        self.path, self.role = Path(path), role
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(8).hex()}
         self._stop = threading.Event()
@@ -49,7 +51,18 @@ class Lease:
             return True
         return holder.get("host") == self.owner["host"] and not _pid_alive(int(holder.get("pid", -1)))
 
-    def acquire(self) -> "Lease":
+    def acquire(self, wait_s: float = 0.0) -> "Lease":
+        """`wait_s` > 0: keep trying that long (a requeued job whose predecessor's heartbeat is not stale yet)."""
+        deadline = time.time() + wait_s
+        while True:
+            try:
+                return self._acquire()
+            except LeaseHeld:
+                if time.time() >= deadline:
+                    raise
+                time.sleep(min(self.heartbeat_s, max(0.1, deadline - time.time())))
+
+    def _acquire(self) -> "Lease":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -58,14 +71,14 @@ class Lease:
             holder = self.holder()
             if holder is not None and not self._stale(holder):
                 raise LeaseHeld(
-                    f"{self.path}: the GEPA service of this run is already running (host {holder.get('host')}, "
+                    f"{self.path}: the {self.role} of this run is already running (host {holder.get('host')}, "
                     f"pid {holder.get('pid')}, heartbeat {time.time() - float(holder.get('heartbeat', 0)):.0f} s ago)"
                 ) from None
         self._beat()
         time.sleep(0.05)  # two instances taking over a stale lease at once: the last writer wins, the other leaves
         if (self.holder() or {}).get("token") != self.owner["token"]:
-            raise LeaseHeld(f"{self.path}: another service instance took the lease over at the same time")
-        self._thread = threading.Thread(target=self._heartbeat, name="gepa-lease", daemon=True)
+            raise LeaseHeld(f"{self.path}: another {self.role} took the lease over at the same time")
+        self._thread = threading.Thread(target=self._heartbeat, name=f"lease-{self.path.name}", daemon=True)
         self._thread.start()
         return self
 

@@ -1,0 +1,220 @@
+"""Runs as the launcher sees them: prepare a run dir, start the run (locally or as SLURM jobs), supervise it
+(restart a dead GEPA service, cancel it when the learner ends) and summarise a set of runs in one table.
+
+One run failing never stops its siblings: its state and error go into the summary, and the command exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from p2o_hpc.config import RunConfig
+from p2o_hpc.io_utils import atomic_write_text
+from p2o_hpc.lease import Lease
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+SERVICE_GRACE_S = 60.0  # after the learner completed, the service gets this long to end by itself on FINISHED
+
+
+@dataclass
+class RunHandle:
+    name: str
+    run_dir: Path
+    cfg: RunConfig
+    learner: object = None  # submitit.Job (slurm)
+    service: object = None
+    service_jobs: list[str] = field(default_factory=list)  # every service job id, restarts included
+    state: str = "PENDING"
+    error: str = ""
+    learner_ended_at: Optional[float] = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL and (self.service is None or _state(self.service) in TERMINAL)
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, *, overrides: list[str]) -> None:
+    """The resolved config (what the jobs read) and the overrides that made it, before anything starts."""
+    holder = Lease(run_dir / "learner.lease").holder()
+    if holder is not None and time.time() - float(holder.get("heartbeat", 0)) < 60:
+        raise RuntimeError(f"{run_dir}: a learner is already writing this run dir (host {holder.get('host')}, "
+                           f"pid {holder.get('pid')}); two jobs never share a run dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    (run_dir / "FINISHED").unlink(missing_ok=True)
+
+
+def point_latest(link_parent: Path, target: Path) -> None:
+    """`<parent>/latest` → the newest run (or sweep) dir, replaced atomically."""
+    link_parent.mkdir(parents=True, exist_ok=True)
+    tmp = link_parent / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.path.relpath(target.resolve(), link_parent.resolve()))
+    os.replace(tmp, link_parent / "latest")
+
+
+# ------------------------------------------------------------------------------------------------- local runs
+
+def run_locally(handle: RunHandle, model_dir: str) -> None:
+    """In this process (ranks as local processes, the service beside them); an error is recorded, not raised."""
+    from p2o_hpc.launch import run_local
+
+    handle.state = "RUNNING"
+    try:
+        run_local(handle.cfg, handle.run_dir, model_dir)
+        handle.state = "COMPLETED"
+    except BaseException as error:  # noqa: BLE001 - one point's failure is reported, its siblings go on
+        if isinstance(error, KeyboardInterrupt):
+            raise
+        handle.state = "FAILED"
+        handle.error = f"{type(error).__name__}: {error}"
+        atomic_write_text(handle.run_dir / "error.txt", traceback.format_exc())
+
+
+# ------------------------------------------------------------------------------------------------- SLURM runs
+
+def _state(job) -> str:
+    from p2o_hpc.cluster.slurm_jobs import job_state
+
+    return job_state(job)
+
+
+def submit_to_slurm(handle: RunHandle, model_dir: str) -> None:
+    from p2o_hpc.cluster.slurm_jobs import needs_gepa_service, submit_gepa_service, submit_learner
+
+    handle.learner = submit_learner(handle.cfg, handle.run_dir, model_dir)
+    if needs_gepa_service(handle.cfg):
+        handle.service = submit_gepa_service(handle.cfg, handle.run_dir)
+        handle.service_jobs.append(handle.service.job_id)
+    atomic_write_text(handle.run_dir / "jobs.json", json.dumps(
+        {"learner": handle.learner.job_id, "gepa_service": handle.service_jobs}, indent=1))
+
+
+def poll_slurm(handle: RunHandle, console: Console) -> None:
+    """One supervision step: learner state; restart or cancel the service job."""
+    from p2o_hpc.cluster.slurm_jobs import submit_gepa_service
+
+    if handle.state not in TERMINAL:
+        handle.state = _state(handle.learner)
+        if handle.state in TERMINAL:
+            handle.learner_ended_at = time.time()
+            if handle.state != "COMPLETED":
+                handle.error = _job_error(handle.learner)
+    if handle.service is None:
+        return
+    service_state = _state(handle.service)
+    learner_alive = handle.state not in TERMINAL
+    failed_file = handle.run_dir / "gepa_service.failed"
+    if learner_alive and service_state in TERMINAL and not failed_file.exists():
+        if len(handle.service_jobs) <= handle.cfg.gepa.max_restarts:
+            console.print(f"[yellow]{handle.name}: GEPA service job {handle.service.job_id} ended ({service_state}) "
+                          f"while the learner runs: resubmitting[/yellow]")
+            handle.service = submit_gepa_service(handle.cfg, handle.run_dir)
+            handle.service_jobs.append(handle.service.job_id)
+            atomic_write_text(handle.run_dir / "jobs.json", json.dumps(
+                {"learner": handle.learner.job_id, "gepa_service": handle.service_jobs}, indent=1))
+    elif not learner_alive and service_state not in TERMINAL:
+        grace = SERVICE_GRACE_S if handle.state == "COMPLETED" else 0.0
+        if time.time() - (handle.learner_ended_at or 0) >= grace:
+            handle.service.cancel(check=False)
+
+
+def _job_error(job) -> str:
+    """The task's exception if submitit pickled one, else the end of its stderr."""
+    try:
+        error = job.exception()
+        if error is not None:
+            return str(error).strip().splitlines()[-1][:300]
+    except Exception:  # noqa: BLE001 - no result file (killed, cancelled): fall back to the log
+        pass
+    try:
+        lines = [line for line in (job.stderr() or "").splitlines() if line.strip()]
+        return lines[-1][:300] if lines else job.state
+    except Exception:  # noqa: BLE001
+        return str(job.state)
+
+
+def supervise(handles: list[RunHandle], console: Console, poll_s: float) -> None:
+    """Until every learner (and service) job has ended, with a live table of their states."""
+    from rich.live import Live
+
+    with Live(summary_table(handles, live=True), console=console, refresh_per_second=1, transient=True) as live:
+        while not all(handle.done for handle in handles):
+            for handle in handles:
+                poll_slurm(handle, console)
+            live.update(summary_table(handles, live=True))
+            if not all(handle.done for handle in handles):
+                time.sleep(poll_s)
+
+
+# ------------------------------------------------------------------------------------------------- summary
+
+def final_metrics(run_dir: Path) -> dict:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    last = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            last.update(json.loads(line))  # later rows win; epoch-end keys (hard/size) survive
+    return last
+
+
+def summary_rows(handles: list[RunHandle]) -> list[dict]:
+    rows = []
+    for handle in handles:
+        metrics = final_metrics(handle.run_dir)
+        rows.append({
+            "point": handle.name,
+            "learner_job": getattr(handle.learner, "job_id", "local"),
+            "gepa_jobs": ",".join(handle.service_jobs) or "-",
+            "state": handle.state,
+            "step": metrics.get("step"),
+            "reward": metrics.get("reward/mean"),
+            "hard": metrics.get("hard/size"),
+            "run_dir": str(handle.run_dir),
+            "error": handle.error,
+        })
+    return rows
+
+
+def summary_table(handles: list[RunHandle], *, live: bool = False) -> Table:
+    parents = {str(handle.run_dir.parent) for handle in handles}
+    table = Table(title=None if live else f"p2o_hpc runs in {', '.join(sorted(parents))}")
+    for column in ("point", "learner job", "GEPA jobs", "state", "step", "reward/mean", "hard"):
+        table.add_column(column, overflow="fold")
+    for row in summary_rows(handles):
+        color = {"COMPLETED": "green", "FAILED": "red"}.get(row["state"], "yellow")
+        table.add_row(row["point"], str(row["learner_job"]), row["gepa_jobs"], f"[{color}]{row['state']}[/{color}]",
+                      "-" if row["step"] is None else str(row["step"]),
+                      "-" if row["reward"] is None else f"{row['reward']:.3f}",
+                      "-" if row["hard"] is None else str(row["hard"]))
+    return table
+
+
+def report(handles: list[RunHandle], console: Console, summary_dir: Optional[Path]) -> bool:
+    """Print the table (and errors), write summary.json/summary.md; True when every run completed."""
+    console.print(summary_table(handles))
+    for handle in handles:
+        if handle.state != "COMPLETED":
+            console.print(f"[red]{handle.name}: {handle.state}[/red] {handle.error} (logs: {handle.run_dir})")
+    if summary_dir is not None:
+        rows = summary_rows(handles)
+        atomic_write_text(summary_dir / "summary.json", json.dumps(rows, indent=1))
+        header = "| point | learner job | GEPA jobs | state | step | reward/mean | hard | run dir |\n|---|---|---|---|---|---|---|---|\n"
+        lines = [f"| {r['point']} | {r['learner_job']} | {r['gepa_jobs']} | {r['state']} | {r['step']} | "
+                 f"{r['reward'] if r['reward'] is None else round(r['reward'], 4)} | {r['hard']} | {r['run_dir']} |"
+                 for r in rows]
+        atomic_write_text(summary_dir / "summary.md", header + "\n".join(lines) + "\n")
+    return all(handle.state == "COMPLETED" for handle in handles)

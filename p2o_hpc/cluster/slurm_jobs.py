@@ -1,0 +1,142 @@
+"""What runs inside the SLURM jobs, and how they are submitted with submitit.
+
+A run is two jobs: the learner (parallel.nodes × parallel.gpus_per_node tasks, one megatron rank each, the
+rendezvous from SLURM's environment) and, for P²O with gepa.mode=service, the GEPA service on its own resources.
+They talk only through the run dir. The learner is checkpointable: USR2 → checkpoint → requeue → resume.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import submitit
+
+from p2o_hpc.cluster.preemption import DEADLINE_ENV, slurm_time_left_s
+from p2o_hpc.config import RunConfig
+
+
+class SlurmLearnerTask(submitit.helpers.Checkpointable):
+    """One learner rank per SLURM task. `checkpoint()` resubmits the same task: it resumes from the run dir."""
+
+    def __init__(self, cfg_dict: dict, run_dir: str, model_dir: str):
+        self.cfg_dict, self.run_dir, self.model_dir = cfg_dict, run_dir, model_dir
+
+    def __call__(self) -> dict:
+        from p2o_hpc.megatron.distributed import shutdown
+        from p2o_hpc.trainer.grpo_trainer import run_worker
+
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        job = submitit.JobEnvironment()
+        print(f"[p2o] rank {env.rank}/{env.world_size} (local {env.local_rank}) on {socket.gethostname()}, "
+              f"rendezvous {env.master_addr}:{env.master_port}, job {job.job_id}", flush=True)
+        left = slurm_time_left_s(job.job_id)
+        if left is not None:
+            os.environ[DEADLINE_ENV] = str(time.time() + left)
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's handler: dumps checkpoint(), requeues, counts timeouts
+        cluster = self.cfg_dict["cluster"]
+        abandon_after = cluster["abandon_after_s"]
+        if abandon_after is None:
+            abandon_after = max(10.0, cluster["signal_delay_s"] - 30.0)
+        try:
+            trainer = run_worker(self.cfg_dict, self.run_dir, self.model_dir, prepare_stop=lambda stop: (
+                stop.abandon_steps_after(abandon_after, lambda: requeue(signal.SIGUSR2, None))
+                if env.rank == 0 and callable(requeue) else None))
+        finally:
+            shutdown()
+        placement = {"rank": env.rank, "host": socket.gethostname(), "local_rank": env.local_rank}
+        if not trainer.interrupted:
+            return {**placement, "step": trainer.step}
+        if not trainer.stop_signal.requeue:
+            raise RuntimeError(f"stopped by SIGTERM at step {trainer.step} (checkpoint saved); not requeued")
+        if env.rank == 0 and callable(requeue):
+            requeue(signal.SIGUSR2, None)  # exits this process; SLURM restarts the job, which resumes
+        time.sleep(300)  # the other ranks wait to be stopped by the requeue
+        sys.exit(1)
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        """The state is in the run dir's checkpoints: the requeued job is the same call."""
+        return submitit.helpers.DelayedSubmission(SlurmLearnerTask(self.cfg_dict, self.run_dir, self.model_dir))
+
+
+class GEPAServiceTask:
+    """The GEPA service job: `python -m p2o_hpc.gepa.service` as a function; ends on the run's FINISHED."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def __call__(self) -> int:
+        from p2o_hpc.gepa.service import main
+
+        code = main(["--run-dir", self.run_dir])
+        if code:
+            raise RuntimeError(f"GEPA service for {self.run_dir} exited with status {code}")
+        return code
+
+
+def _executor(folder: Path, cfg: RunConfig, *, name: str) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    cluster = cfg.cluster
+    params = dict(cluster.additional_parameters)
+    executor.update_parameters(
+        name=name,
+        timeout_min=cluster.time_min,
+        slurm_partition=cluster.partition,
+        slurm_account=cluster.account,
+        slurm_qos=cluster.qos,
+        slurm_constraint=cluster.constraint,
+        slurm_signal_delay_s=cluster.signal_delay_s,
+        slurm_setup=list(cluster.setup),
+        slurm_srun_args=list(cluster.srun_args),
+        slurm_additional_parameters=params,
+        slurm_max_num_timeout=cluster.max_num_timeout,
+    )
+    return executor
+
+
+def submit_learner(cfg: RunConfig, run_dir: Path, model_dir: str) -> submitit.Job:
+    folder = run_dir / cfg.cluster.submitit_folder
+    executor = _executor(folder, cfg, name=f"p2o:{run_dir.name}")
+    ranks = cfg.parallel.ranks_per_node
+    executor.update_parameters(
+        nodes=cfg.parallel.nodes,
+        tasks_per_node=ranks,
+        cpus_per_task=cfg.cluster.cpus_per_task,
+        gpus_per_node=ranks if cfg.cluster.gpus else None,
+        mem_gb=cfg.cluster.mem_gb,
+    )
+    return executor.submit(SlurmLearnerTask(asdict(cfg), str(run_dir), model_dir))
+
+
+def submit_gepa_service(cfg: RunConfig, run_dir: Path) -> submitit.Job:
+    folder = run_dir / cfg.cluster.submitit_folder
+    resources = cfg.gepa.resources
+    executor = _executor(folder, cfg, name=f"p2o-gepa:{run_dir.name}")
+    executor.update_parameters(
+        nodes=1,
+        tasks_per_node=1,
+        cpus_per_task=resources.cpus,
+        gpus_per_node=resources.gpus if cfg.cluster.gpus and resources.gpus else None,
+        mem_gb=resources.mem_gb,
+        timeout_min=resources.time_min or cfg.cluster.time_min,
+        slurm_partition=resources.partition or cfg.cluster.partition,
+        slurm_signal_delay_s=cfg.cluster.signal_delay_s,
+    )
+    return executor.submit(GEPAServiceTask(str(run_dir)))
+
+
+def needs_gepa_service(cfg: RunConfig) -> bool:
+    return cfg.algorithm.p2o.enabled and cfg.gepa.mode == "service"
+
+
+def job_state(job: Optional[submitit.Job]) -> str:
+    """SLURM's state word (RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, PENDING, ...)."""
+    if job is None:
+        return "-"
+    return job.state.split()[0]
