@@ -91,7 +91,8 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """One run (a -m sweep goes through p2o_hpc.cluster.sweep_launcher instead)."""
-    from p2o_hpc.cluster.runs import RunHandle, point_latest, prepare_run_dir, report, submit_to_slurm, supervise
+    from p2o_hpc.cluster.runs import (RunHandle, point_latest, preflight, prepare_run_dir, report, submit_to_slurm,
+                                      supervise)
 
     run_cfg = to_run_config(cfg)
     overrides = list(HydraConfig.get().overrides.task)
@@ -100,6 +101,7 @@ def main(cfg: DictConfig) -> None:
     else:
         run_dir = Path(run_cfg.run_dir or HydraConfig.get().runtime.output_dir).resolve()
     validate(run_cfg)
+    preflight(run_cfg)
     model_dir = resolve_model_dir(run_cfg.model.path)
     prepare_run_dir(run_cfg, run_dir, overrides=overrides)
     point_latest(run_dir.parent, run_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -41,6 +42,18 @@ class RunHandle:
     @property
     def done(self) -> bool:
         return self.state in TERMINAL and (self.service is None or _state(self.service) in TERMINAL)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """What the jobs would only find out on the cluster, checked before anything is submitted."""
+    reflection = cfg.reflection
+    uses_teacher = cfg.algorithm.p2o.enabled and cfg.gepa.mode != "off" and reflection.kind == "teacher"
+    if uses_teacher and reflection.api_key_env and not os.environ.get(reflection.api_key_env):
+        raise ValueError(f"reflection=teacher ({reflection.base_url}, model {reflection.model}) reads its API key "
+                         f"from ${reflection.api_key_env}, which is not set here (the jobs inherit this environment)")
+    data = cfg.data.train
+    if data.endswith((".json", ".jsonl")) and not Path(data).is_file():
+        raise FileNotFoundError(f"data.train={data}: no such file")
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, *, overrides: list[str]) -> None:
@@ -131,18 +144,17 @@ def poll_slurm(handle: RunHandle, console: Console) -> None:
 
 
 def _job_error(job) -> str:
-    """The task's exception if submitit pickled one, else the end of its stderr."""
-    try:
-        error = job.exception()
-        if error is not None:
-            return str(error).strip().splitlines()[-1][:300]
-    except Exception:  # noqa: BLE001 - no result file (killed, cancelled): fall back to the log
-        pass
+    """The exception line of the first task's log (`[rank0]: ValueError: …`), else SLURM's own last word."""
     try:
         lines = [line for line in (job.stderr() or "").splitlines() if line.strip()]
-        return lines[-1][:300] if lines else job.state
-    except Exception:  # noqa: BLE001
-        return str(job.state)
+    except Exception:  # noqa: BLE001 - no log yet (never started)
+        lines = []
+    exception = re.compile(r"^(?:\[rank\d+\]:\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Exit)\b.*)$")
+    for line in reversed(lines):
+        match = exception.match(line.strip())
+        if match:
+            return match.group(1)[:400]
+    return (lines[-1][:400] if lines else "") or f"job {job.job_id} ended {job.state}"
 
 
 def supervise(handles: list[RunHandle], console: Console, poll_s: float) -> None:

@@ -9,6 +9,7 @@ later) and its launch() raises on the first failed point, so the others' results
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +20,7 @@ from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
+from p2o_hpc.cluster.runs import preflight
 from p2o_hpc.config import RunConfig, to_run_config, validate
 
 
@@ -37,6 +39,15 @@ def _task_config(sweep_config: DictConfig) -> DictConfig:
     return task
 
 
+def point_dir_name(subdir: str, max_len: int = 200) -> str:
+    """One path component per point: a path value (data.train=/a/b.jsonl) keeps its text with "/" → "_";
+    an over-long name keeps its start and gets a hash, so it still names the point and stays unique."""
+    name = subdir.replace("/", "_").strip() or "default"
+    if len(name) > max_len:
+        name = f"{name[: max_len - 13]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return name
+
+
 class SweepLauncher(Launcher):
     def __init__(self, **_: object) -> None:
         self.config = self.hydra_context = self.task_function = None
@@ -49,7 +60,7 @@ class SweepLauncher(Launcher):
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
         HydraConfig.instance().set_config(sweep_config)  # resolves ${hydra:…} (the point's subdir) below
-        run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+        run_dir = Path(str(sweep_config.hydra.sweep.dir)) / point_dir_name(str(sweep_config.hydra.sweep.subdir))
         cfg = to_run_config(_task_config(sweep_config))
         if cfg.resume:
             raise ValueError("resume= is for one run, not a -m sweep")
@@ -57,6 +68,7 @@ class SweepLauncher(Launcher):
         if cfg.logging.wandb.group is None:
             cfg.logging.wandb.group = Path(str(sweep_config.hydra.sweep.dir)).name
         validate(cfg)
+        preflight(cfg)
         return cfg, run_dir.resolve(), sweep_config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
