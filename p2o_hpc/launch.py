@@ -50,18 +50,34 @@ def run_local(cfg: RunConfig, run_dir: Path, model_dir: str) -> None:
 
 
 def resumed(cfg: RunConfig, explicit: list[str]) -> tuple[RunConfig, Path]:
-    """`resume=<run dir>`: that run's saved config; only where it runs (cluster.*) may change."""
+    """`resume=<run dir>`: that run's saved config. Only where it runs may change: `cluster=…`/`cluster.*` (composed
+    together with the run's own saved overrides, as if it had been launched with them) and the placement
+    `parallel.nodes` / `parallel.gpus_per_node` (the parallel layout itself stays)."""
+    from hydra import compose
+
     run_dir = Path(cfg.resume).resolve()
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"resume={cfg.resume}: {saved} does not exist (not a run dir?)")
-    allowed = ("resume=", "cluster=", "cluster.", "hydra.", "+hydra.")
-    changed = [item for item in explicit if not item.lstrip("~+").startswith(allowed)]
+    where = ("cluster=", "cluster.")
+    placement = ("parallel.nodes", "parallel.gpus_per_node")
+    changed = [item for item in explicit
+               if not item.lstrip("~+").startswith(("resume=", "hydra.", *where, *(f"{key}=" for key in placement)))]
     if changed:
         raise ValueError(f"resume={cfg.resume} continues the run with its saved config; these overrides would "
-                         f"change it: {changed} (only cluster=… / cluster.* may differ)")
+                         f"change it: {changed} (only cluster=…, cluster.*, parallel.nodes, parallel.gpus_per_node may)")
     resumed_cfg = to_run_config(OmegaConf.load(saved))
-    resumed_cfg.cluster, resumed_cfg.resume, resumed_cfg.run_dir = cfg.cluster, None, str(run_dir)
+    new_cluster = [item for item in explicit if item.lstrip("~+").startswith(where)]
+    if new_cluster:
+        overrides_file = run_dir / "overrides.yaml"
+        original = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+        kept = [item for item in original if not item.lstrip("~+").startswith(("resume=", "hydra.", *where))]
+        resumed_cfg.cluster = to_run_config(compose(config_name="config", overrides=kept + new_cluster)).cluster
+    for item in explicit:
+        key, _, value = item.lstrip("~+").partition("=")
+        if key in placement:
+            setattr(resumed_cfg.parallel, key.split(".")[1], None if value == "null" else int(value))
+    resumed_cfg.resume, resumed_cfg.run_dir = None, str(run_dir)
     return resumed_cfg, run_dir
 
 
@@ -103,18 +119,18 @@ def main(cfg: DictConfig) -> None:
     validate(run_cfg)
     preflight(run_cfg)
     model_dir = resolve_model_dir(run_cfg.model.path)
-    prepare_run_dir(run_cfg, run_dir, overrides=overrides)
+    prepare_run_dir(run_cfg, run_dir, overrides=None if cfg.resume else overrides)  # a resume keeps the original
     point_latest(run_dir.parent, run_dir)
     if run_cfg.cluster.kind == "local":
         run_local(run_cfg, run_dir, model_dir)
     else:
         console = Console()
         handle = RunHandle(name=run_dir.name, run_dir=run_dir, cfg=run_cfg)
-        submit_to_slurm(handle, model_dir)
-        console.print(f"submitted learner job {handle.learner.job_id}"
-                      + (f" and GEPA service job {handle.service.job_id}" if handle.service else "")
-                      + f" for {run_dir}")
-        supervise([handle], console, run_cfg.cluster.poll_s)
+        if submit_to_slurm(handle, model_dir):
+            console.print(f"submitted learner job {handle.learner.job_id}"
+                          + (f" and GEPA service job {handle.service.job_id}" if handle.service else "")
+                          + f" for {run_dir}")
+            supervise([handle], console, run_cfg.cluster.poll_s)
         if not report([handle], console, summary_dir=None):
             print(f"run_dir={run_dir}", flush=True)
             sys.exit(1)

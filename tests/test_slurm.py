@@ -73,13 +73,15 @@ def teacher(tiny_model_dir, tmp_path_factory):
         server.stop()
 
 
-def test_sweep_reflection_self_teacher(slurm_cluster, tmp_path, teacher, sanity_data):
+def test_sweep_reflection_self_teacher(slurm_cluster, tmp_path, teacher):
     """`-m reflection=self,teacher`: two points, each a learner job + a GEPA service job; the self point's service
-    is cancelled before its round and resubmitted by the launcher; both services end with their runs."""
+    is cancelled before its round and resubmitted by the launcher; both services end with their runs.
+
+    The smoke data: the tiny model solves none of the 4 prompts, all are hard; a budget of 40 rollouts leaves
+    room for one reflective proposal after the seed's dev evaluation (16)."""
     sweep = tmp_path / "sweep"
     command = [sys.executable, "-m", "p2o_hpc.launch", "-m", *SLURM, "experiment=smoke", "algorithm=p2o",
-               "reflection=self,teacher", f"data.train={sanity_data}", "algorithm.reward=early_substring",
-               "rollout.max_response_tokens=8", f"hydra.sweep.dir={sweep}"]
+               "reflection=self,teacher", "gepa.max_metric_calls=40", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore", **teacher})
     killed, self_dir = None, None
@@ -132,12 +134,12 @@ def test_bad_override_fails_before_submission(slurm_cluster, tmp_path):
     assert typo.returncode != 0 and "algorithm.tua" in typo.stderr and "Key 'tua' not in 'AlgorithmConfig'" in typo.stderr
 
 
-def test_runtime_failure_is_isolated(slurm_cluster, tmp_path, teacher, sanity_data):
-    """A point that crashes in its job is reported FAILED (its GEPA service cancelled); its sibling completes."""
+def test_runtime_failure_is_isolated(slurm_cluster, tmp_path, teacher):
+    """A point that crashes in its job is reported FAILED (its GEPA service cancelled); its sibling completes.
+    (gepa.min_hard=100: no GEPA round, the completing point's service just ends with its run.)"""
     sweep = tmp_path / "sweep"
-    result = launch("-m", *SLURM, "experiment=smoke", "algorithm=p2o", "reflection=teacher",
-                    f"data.train={sanity_data}", "data.max_prompt_tokens=512,8", f"hydra.sweep.dir={sweep}",
-                    env=teacher)
+    result = launch("-m", *SLURM, "experiment=smoke", "algorithm=p2o", "reflection=teacher", "gepa.min_hard=100",
+                    "data.max_prompt_tokens=512,8", f"hydra.sweep.dir={sweep}", env=teacher)
     assert result.returncode != 0
     rows = {Path(row["run_dir"]).name: row for row in json.loads((sweep / "summary.json").read_text())}
     failed = next(row for name, row in rows.items() if "max_prompt_tokens=8" in name)
@@ -150,11 +152,16 @@ def test_runtime_failure_is_isolated(slurm_cluster, tmp_path, teacher, sanity_da
 
 
 def test_two_nodes_two_ranks_each(slurm_cluster, tmp_path):
-    """TP=2 × DP=2 over 2 nodes × 2 tasks: ranks on both nodes, TP inside a node, DP across, one step done."""
+    """TP=2 × DP=2: step 1 as 4 local processes, then `resume=` on SLURM over 2 nodes × 2 tasks: ranks on both
+    nodes, TP inside a node, DP across, and the run continues from the local checkpoint with step 2."""
     run_dir = tmp_path / "run"
-    result = launch(*SLURM, "experiment=smoke", "parallel.tensor=2", "parallel.data=2", "parallel.nodes=2",
-                    "algorithm.max_steps=1", f"hydra.run.dir={run_dir}")
+    first = launch("experiment=smoke", "parallel.tensor=2", "parallel.data=2", "trainer.stop_after_steps=1",
+                   "logging=none", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    result = launch(f"resume={run_dir}", *SLURM[:2], "parallel.nodes=2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "slurm" in (run_dir / "config.yaml").read_text() and "trainer.stop_after_steps=1" in (
+        run_dir / "overrides.yaml").read_text()  # the original overrides are kept
     job_id = json.loads((run_dir / "jobs.json").read_text())["learner"]
     placements = submitit.SlurmJob(run_dir / "slurm", job_id, tasks=range(4)).results()
     by_rank = {p["rank"]: p for p in placements}
@@ -162,8 +169,10 @@ def test_two_nodes_two_ranks_each(slurm_cluster, tmp_path):
     assert [by_rank[r]["local_rank"] for r in range(4)] == [0, 1, 0, 1]
     assert by_rank[0]["tp_group"] == [0, 1] and by_rank[2]["tp_group"] == [2, 3]
     assert by_rank[0]["dp_group"] == [0, 2] and by_rank[3]["dp_group"] == [1, 3]
-    assert all(p["pp_group"] == [p["rank"]] and p["step"] == 1 for p in placements)
-    assert [row["step"] for row in metrics(run_dir)] == [1]
+    assert all(p["pp_group"] == [p["rank"]] and p["step"] == 2 for p in placements)
+    assert [row["step"] for row in metrics(run_dir)] == [1, 2]
+    log = (run_dir / "slurm" / f"{job_id}_0_log.out").read_text()
+    assert "resumed from" in log and "at step 1" in log
 
 
 def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path, sanity_data):

@@ -56,7 +56,7 @@ def preflight(cfg: RunConfig) -> None:
         raise FileNotFoundError(f"data.train={data}: no such file")
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, *, overrides: list[str]) -> None:
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, *, overrides: Optional[list[str]]) -> None:
     """The resolved config (what the jobs read) and the overrides that made it, before anything starts."""
     holder = Lease(run_dir / "learner.lease").holder()
     if holder is not None and time.time() - float(holder.get("heartbeat", 0)) < 60:
@@ -64,7 +64,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, *, overrides: list[str]) -> N
                            f"pid {holder.get('pid')}); two jobs never share a run dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    if overrides is not None:
+        atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
     (run_dir / "FINISHED").unlink(missing_ok=True)
 
 
@@ -103,13 +104,27 @@ def _state(job) -> str:
     return job_state(job)
 
 
-def submit_to_slurm(handle: RunHandle, model_dir: str) -> None:
+def submit_to_slurm(handle: RunHandle, model_dir: str) -> bool:
+    """Submit the learner (and its service); a refused submission (sbatch's error) marks this run FAILED and
+    cancels what was already submitted for it. False when it failed."""
     from p2o_hpc.cluster.slurm_jobs import needs_gepa_service, submit_gepa_service, submit_learner
 
-    handle.learner = submit_learner(handle.cfg, handle.run_dir, model_dir)
-    if needs_gepa_service(handle.cfg):
-        handle.service = submit_gepa_service(handle.cfg, handle.run_dir)
-        handle.service_jobs.append(handle.service.job_id)
+    try:
+        handle.learner = submit_learner(handle.cfg, handle.run_dir, model_dir)
+        if needs_gepa_service(handle.cfg):
+            handle.service = submit_gepa_service(handle.cfg, handle.run_dir)
+            handle.service_jobs.append(handle.service.job_id)
+    except Exception as error:  # noqa: BLE001 - submitit.FailedJobError carries sbatch's stderr
+        if handle.learner is not None:
+            handle.learner.cancel(check=False)
+        handle.learner = handle.service = None
+        handle.state, handle.error = "FAILED", f"not submitted: {str(error).strip()[:400]}"
+        return False
+    _write_jobs(handle)
+    return True
+
+
+def _write_jobs(handle: RunHandle) -> None:
     atomic_write_text(handle.run_dir / "jobs.json", json.dumps(
         {"learner": handle.learner.job_id, "gepa_service": handle.service_jobs}, indent=1))
 
@@ -118,6 +133,8 @@ def poll_slurm(handle: RunHandle, console: Console) -> None:
     """One supervision step: learner state; restart or cancel the service job."""
     from p2o_hpc.cluster.slurm_jobs import submit_gepa_service
 
+    if handle.learner is None:  # never submitted
+        return
     if handle.state not in TERMINAL:
         handle.state = _state(handle.learner)
         if handle.state in TERMINAL:
@@ -135,8 +152,7 @@ def poll_slurm(handle: RunHandle, console: Console) -> None:
                           f"while the learner runs: resubmitting[/yellow]")
             handle.service = submit_gepa_service(handle.cfg, handle.run_dir)
             handle.service_jobs.append(handle.service.job_id)
-            atomic_write_text(handle.run_dir / "jobs.json", json.dumps(
-                {"learner": handle.learner.job_id, "gepa_service": handle.service_jobs}, indent=1))
+            _write_jobs(handle)
     elif not learner_alive and service_state not in TERMINAL:
         grace = SERVICE_GRACE_S if handle.state == "COMPLETED" else 0.0
         if time.time() - (handle.learner_ended_at or 0) >= grace:
@@ -189,7 +205,7 @@ def summary_rows(handles: list[RunHandle]) -> list[dict]:
         metrics = final_metrics(handle.run_dir)
         rows.append({
             "point": handle.name,
-            "learner_job": getattr(handle.learner, "job_id", "local"),
+            "learner_job": getattr(handle.learner, "job_id", None) or ("local" if handle.cfg.cluster.kind == "local" else "-"),
             "gepa_jobs": ",".join(handle.service_jobs) or "-",
             "state": handle.state,
             "step": metrics.get("step"),

@@ -110,9 +110,11 @@ class SweepLauncher(Launcher):
             for handle, model_dir in handles:
                 if handle.cfg.cluster.kind != "slurm":
                     raise SweepPointsInvalid("a sweep runs all its points on one kind of cluster (cluster=local|slurm)")
-                submit_to_slurm(handle, model_dir)
-                console.print(f"{handle.name}: learner job {handle.learner.job_id}"
-                              + (f", GEPA service job {handle.service.job_id}" if handle.service else ""))
+                if submit_to_slurm(handle, model_dir):
+                    console.print(f"{handle.name}: learner job {handle.learner.job_id}"
+                                  + (f", GEPA service job {handle.service.job_id}" if handle.service else ""))
+                else:
+                    console.print(f"[red]{handle.name}: {handle.error}[/red]")
             supervise([h for h, _ in handles], console, min(h.cfg.cluster.poll_s for h, _ in handles))
         report([h for h, _ in handles], console, summary_dir=sweep_dir)
 
