@@ -154,3 +154,23 @@ def test_sweep_with_a_bad_point_starts_nothing(tmp_path):
     assert result.returncode != 0
     assert "1 of 2 sweep points are invalid; nothing was submitted" in result.stderr
     assert "algorithm.n_samples=1" in result.stderr and "must be ≥ 2" in result.stderr and not list(tmp_path.glob("*/config.yaml"))
+
+
+def _groups() -> list[tuple[str, str]]:
+    conf = REPO_ROOT / "conf"
+    return [(group.name, path.stem) for group in sorted(conf.iterdir()) if group.is_dir() and group.name != "hydra"
+            for path in sorted(group.glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group, name", _groups())
+def test_every_preset_composes_and_validates(group, name):
+    """Every YAML in conf/ (site presets included) is typed by the schema: a misspelt key there fails here."""
+    from hydra import compose, initialize_config_dir
+
+    from p2o_hpc.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = to_run_config(compose("config", overrides=[f"{group}={name}"]))
+    validate(cfg)
+    assert cfg.cluster.kind in ("local", "slurm")

@@ -64,8 +64,11 @@ class SlurmLearnerTask(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(SlurmLearnerTask(self.cfg_dict, self.run_dir, self.model_dir))
 
 
-class GEPAServiceTask:
-    """The GEPA service job: `python -m p2o_hpc.gepa.service` as a function; ends on the run's FINISHED."""
+class GEPAServiceTask(submitit.helpers.Checkpointable):
+    """The GEPA service job: `python -m p2o_hpc.gepa.service` as a function; ends on the run's FINISHED.
+    Checkpointable: at its walltime it is requeued as is (the round's state is saved after every parent step)."""
+
+    LEASE_WAIT_S = 90.0  # a predecessor killed without releasing its lease: wait until its heartbeat is stale
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
@@ -73,7 +76,12 @@ class GEPAServiceTask:
     def __call__(self) -> int:
         from p2o_hpc.gepa.service import main
 
-        code = main(["--run-dir", self.run_dir])
+        deadline = time.time() + self.LEASE_WAIT_S
+        while True:
+            code = main(["--run-dir", self.run_dir])
+            if code != 3 or time.time() > deadline:  # 3: the lease is held
+                break
+            time.sleep(10)
         if code:
             raise RuntimeError(f"GEPA service for {self.run_dir} exited with status {code}")
         return code
