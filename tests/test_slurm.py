@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -59,67 +60,32 @@ def sanity_data(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def teacher(tiny_model_dir, tmp_path_factory):
-    """A real OpenAI-compatible server (vLLM) standing in for the teacher endpoint."""
+@pytest.fixture(scope="module", autouse=True)
+def teacher_server(tiny_model_dir, tmp_path_factory):
+    """A real OpenAI-compatible server (vLLM) standing in for the teacher endpoint. It starts in the background
+    when this module starts (a minute on CPU) and is waited for by the tests that use it, which come last."""
     from p2o_hpc.reflection import ReferenceServer
 
     server = ReferenceServer(tiny_model_dir, log_dir=tmp_path_factory.mktemp("teacher"), served_model_name="teacher",
                              max_model_len=2048, start_timeout_s=300)
-    server.start()
+    # The server dies with the thread that started it (PR_SET_PDEATHSIG): that thread lives until teardown.
+    executor = ThreadPoolExecutor(1)
+    starting = executor.submit(server.start)
     try:
-        yield {"P2O_TEACHER_BASE_URL": server.base_url, "P2O_TEACHER_MODEL": "teacher", "OPENAI_API_KEY": "local"}
+        yield server, starting
     finally:
-        server.stop()
+        try:
+            starting.result()
+        finally:
+            server.stop()
+            executor.shutdown()
 
 
-def test_sweep_reflection_self_teacher(slurm_cluster, tmp_path, teacher):
-    """`-m reflection=self,teacher`: two points, each a learner job + a GEPA service job; the self point's service
-    is cancelled before its round and resubmitted by the launcher; both services end with their runs.
-
-    The smoke data: the tiny model solves none of the 4 prompts, all are hard; a budget of 40 rollouts leaves
-    room for one reflective proposal after the seed's dev evaluation (16)."""
-    sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "p2o_hpc.launch", "-m", *SLURM, "experiment=smoke", "algorithm=p2o",
-               "reflection=self,teacher", "gepa.max_metric_calls=40", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore", **teacher})
-    killed, self_dir = None, None
-    try:
-        deadline = time.time() + 600
-        while killed is None and time.time() < deadline and proc.poll() is None:
-            for jobs_file in sweep.glob("*reflection=self*/jobs.json"):
-                first = json.loads(jobs_file.read_text())["gepa_service"][0]
-                if first in queued_jobs():
-                    subprocess.run(["scancel", first], check=True)  # the service dies while its learner lives
-                    killed, self_dir = first, jobs_file.parent
-            time.sleep(1)
-        out, err = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out[-3000:] + err[-5000:]
-    assert killed is not None, "the self point's service job was never seen in the queue"
-
-    summary = json.loads((sweep / "summary.json").read_text())
-    assert len(summary) == 2 and all(row["state"] == "COMPLETED" for row in summary), summary
-    assert {Path(row["run_dir"]).name for row in summary} == {p.name for p in sweep.iterdir() if p.is_dir()}
-    assert "p2o_hpc runs" in out and "COMPLETED" in out
-    for row in summary:
-        run_dir = Path(row["run_dir"])
-        assert [r["step"] for r in metrics(run_dir)] == [1, 2]
-        document = json.loads((run_dir / "epochs" / "0" / "templates.json").read_text())
-        assert document["counters"]["proposed"] >= 1  # the reflection endpoint answered
-        config = (run_dir / "config.yaml").read_text()
-        assert ("kind: teacher" in config) == ("reflection=teacher" in run_dir.name)
-        jobs = json.loads((run_dir / "jobs.json").read_text())
-        assert sacct_state(jobs["learner"]) == "COMPLETED"
-        for service in jobs["gepa_service"]:
-            assert sacct_state(service) in ("COMPLETED", "CANCELLED"), service
-            assert service not in queued_jobs()
-    self_jobs = json.loads((self_dir / "jobs.json").read_text())["gepa_service"]
-    assert self_jobs[0] == killed and len(self_jobs) == 2  # resubmitted once
-    assert (sweep.parent / "latest").resolve() == sweep.resolve()
+@pytest.fixture
+def teacher(teacher_server) -> dict:
+    server, starting = teacher_server
+    starting.result()  # raises if the server did not come up
+    return {"P2O_TEACHER_BASE_URL": server.base_url, "P2O_TEACHER_MODEL": "teacher", "OPENAI_API_KEY": "local"}
 
 
 def test_bad_override_fails_before_submission(slurm_cluster, tmp_path):
@@ -132,23 +98,6 @@ def test_bad_override_fails_before_submission(slurm_cluster, tmp_path):
 
     typo = launch("-m", *SLURM, "experiment=smoke", "algorithm.tua=0,0.17", f"hydra.sweep.dir={tmp_path / 't'}")
     assert typo.returncode != 0 and "algorithm.tua" in typo.stderr and "Key 'tua' not in 'AlgorithmConfig'" in typo.stderr
-
-
-def test_runtime_failure_is_isolated(slurm_cluster, tmp_path, teacher):
-    """A point that crashes in its job is reported FAILED (its GEPA service cancelled); its sibling completes.
-    (gepa.min_hard=100: no GEPA round, the completing point's service just ends with its run.)"""
-    sweep = tmp_path / "sweep"
-    result = launch("-m", *SLURM, "experiment=smoke", "algorithm=p2o", "reflection=teacher", "gepa.min_hard=100",
-                    "data.max_prompt_tokens=512,8", f"hydra.sweep.dir={sweep}", env=teacher)
-    assert result.returncode != 0
-    rows = {Path(row["run_dir"]).name: row for row in json.loads((sweep / "summary.json").read_text())}
-    failed = next(row for name, row in rows.items() if "max_prompt_tokens=8" in name)
-    ok = next(row for name, row in rows.items() if "max_prompt_tokens=512" in name)
-    assert ok["state"] == "COMPLETED" and ok["step"] == 2
-    assert failed["state"] == "FAILED" and "max_prompt_tokens" in failed["error"], failed
-    assert "FAILED" in result.stdout and "ended FAILED" in result.stderr
-    service = json.loads((Path(failed["run_dir"]) / "jobs.json").read_text())["gepa_service"][0]
-    assert sacct_state(service) == "CANCELLED"
 
 
 def test_two_nodes_two_ranks_each(slurm_cluster, tmp_path):
@@ -205,9 +154,79 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path, sanity_data):
     log = "".join(path.read_text() for path in (preempted / "slurm").glob(f"{job_id}_0_log.*"))
     assert "caught SIGUSR2" in log and f"Requeued job {job_id}" in log, log[-3000:]
     assert "resumed from" in log
+    # Save-before-deadline: 5 min of walltime (read from squeue) is less than the 99 steps to the next regular
+    # checkpoint, so both runs checkpointed right after step 1.
+    straight_log = "".join(path.read_text() for path in (straight / "slurm").glob("*_0_log.out"))
+    assert "step 1: checkpoint early" in straight_log, straight_log[-3000:]
     a, b = metrics(straight), metrics(preempted)
     assert [row["step"] for row in b] == [1, 2, 3, 4]  # the counter continued, nothing repeated
     for row_a, row_b in zip(a, b):
         for key in ("reward/mean", "actor/loss", "actor/grad_norm", "response/length_mean"):
             assert row_b[key] == pytest.approx(row_a[key], rel=1e-4, abs=1e-6), (row_b["step"], key)
     assert sacct_state(job_id) == "COMPLETED"
+
+
+def test_runtime_failure_is_isolated(slurm_cluster, tmp_path, teacher):
+    """A point that crashes in its job is reported FAILED (its GEPA service cancelled); its sibling completes.
+    (gepa.min_hard=100: no GEPA round, the completing point's service just ends with its run.)"""
+    sweep = tmp_path / "sweep"
+    result = launch("-m", *SLURM, "experiment=smoke", "algorithm=p2o", "reflection=teacher", "gepa.min_hard=100",
+                    "data.max_prompt_tokens=512,8", f"hydra.sweep.dir={sweep}", env=teacher)
+    assert result.returncode != 0
+    rows = {Path(row["run_dir"]).name: row for row in json.loads((sweep / "summary.json").read_text())}
+    failed = next(row for name, row in rows.items() if "max_prompt_tokens=8" in name)
+    ok = next(row for name, row in rows.items() if "max_prompt_tokens=512" in name)
+    assert ok["state"] == "COMPLETED" and ok["step"] == 2
+    assert failed["state"] == "FAILED" and "max_prompt_tokens" in failed["error"], failed
+    assert "FAILED" in result.stdout and "ended FAILED" in result.stderr
+    service = json.loads((Path(failed["run_dir"]) / "jobs.json").read_text())["gepa_service"][0]
+    assert sacct_state(service) == "CANCELLED"
+
+
+def test_sweep_reflection_self_teacher(slurm_cluster, tmp_path, teacher):
+    """`-m reflection=self,teacher`: two points, each a learner job + a GEPA service job; the self point's service
+    is cancelled before its round and resubmitted by the launcher; both services end with their runs.
+
+    The smoke data: the tiny model solves none of the 4 prompts, all are hard; a budget of 40 rollouts leaves
+    room for one reflective proposal after the seed's dev evaluation (16)."""
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "p2o_hpc.launch", "-m", *SLURM, "experiment=smoke", "algorithm=p2o",
+               "reflection=self,teacher", "gepa.max_metric_calls=40", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", **teacher})
+    killed, self_dir = None, None
+    try:
+        deadline = time.time() + 600
+        while killed is None and time.time() < deadline and proc.poll() is None:
+            for jobs_file in sweep.glob("*reflection=self*/jobs.json"):
+                first = json.loads(jobs_file.read_text())["gepa_service"][0]
+                if first in queued_jobs():
+                    subprocess.run(["scancel", first], check=True)  # the service dies while its learner lives
+                    killed, self_dir = first, jobs_file.parent
+            time.sleep(1)
+        out, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:] + err[-5000:]
+    assert killed is not None, "the self point's service job was never seen in the queue"
+
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert len(summary) == 2 and all(row["state"] == "COMPLETED" for row in summary), summary
+    assert {Path(row["run_dir"]).name for row in summary} == {p.name for p in sweep.iterdir() if p.is_dir()}
+    assert "p2o_hpc runs" in out and "COMPLETED" in out
+    for row in summary:
+        run_dir = Path(row["run_dir"])
+        assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+        document = json.loads((run_dir / "epochs" / "0" / "templates.json").read_text())
+        assert document["counters"]["proposed"] >= 1  # the reflection endpoint answered
+        config = (run_dir / "config.yaml").read_text()
+        assert ("kind: teacher" in config) == ("reflection=teacher" in run_dir.name)
+        jobs = json.loads((run_dir / "jobs.json").read_text())
+        assert sacct_state(jobs["learner"]) == "COMPLETED"
+        for service in jobs["gepa_service"]:
+            assert sacct_state(service) in ("COMPLETED", "CANCELLED"), service
+            assert service not in queued_jobs()
+    self_jobs = json.loads((self_dir / "jobs.json").read_text())["gepa_service"]
+    assert self_jobs[0] == killed and len(self_jobs) == 2  # resubmitted once
+    assert (sweep.parent / "latest").resolve() == sweep.resolve()
