@@ -177,8 +177,12 @@ def supervise(handles: list[RunHandle], console: Console, poll_s: float) -> None
     """Until every learner (and service) job has ended, with a live table of their states."""
     from rich.live import Live
 
+    from submitit.slurm.slurm import SlurmJob
+
     with Live(summary_table(handles, live=True), console=console, refresh_per_second=1, transient=True) as live:
         while not all(handle.done for handle in handles):
+            # One sacct call per poll for every job: submitit's own cadence backs off to once a minute (up to 10).
+            SlurmJob.watcher.update()
             for handle in handles:
                 poll_slurm(handle, console)
             live.update(summary_table(handles, live=True))
