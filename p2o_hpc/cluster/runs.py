@@ -145,8 +145,11 @@ def poll_slurm(handle: RunHandle, console: Console) -> None:
         return
     service_state = _state(handle.service)
     learner_alive = handle.state not in TERMINAL
-    failed_file = handle.run_dir / "gepa_service.failed"
-    if learner_alive and service_state in TERMINAL and not failed_file.exists():
+    # A service that ended by itself (COMPLETED: it saw FINISHED, just before the learner's job ended) or that
+    # reported a failure (the learner stops with that cause) is not restarted; one that died is.
+    died = service_state in TERMINAL and service_state != "COMPLETED"
+    ended_on_purpose = (handle.run_dir / "FINISHED").exists() or (handle.run_dir / "gepa_service.failed").exists()
+    if learner_alive and died and not ended_on_purpose:
         if len(handle.service_jobs) <= handle.cfg.gepa.max_restarts:
             console.print(f"[yellow]{handle.name}: GEPA service job {handle.service.job_id} ended ({service_state}) "
                           f"while the learner runs: resubmitting[/yellow]")
