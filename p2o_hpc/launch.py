@@ -16,7 +16,6 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 
 from p2o_hpc.config import RunConfig, register_configs, to_run_config, validate
 
@@ -107,8 +106,8 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """One run (a -m sweep goes through p2o_hpc.cluster.sweep_launcher instead)."""
-    from p2o_hpc.cluster.runs import (RunHandle, point_latest, preflight, prepare_run_dir, report, submit_to_slurm,
-                                      supervise)
+    from p2o_hpc.cluster.runs import (RunHandle, launcher_console, point_latest, preflight, prepare_run_dir, report,
+                                      submit_to_slurm, supervise)
 
     run_cfg = to_run_config(cfg)
     overrides = list(HydraConfig.get().overrides.task)
@@ -124,7 +123,7 @@ def main(cfg: DictConfig) -> None:
     if run_cfg.cluster.kind == "local":
         run_local(run_cfg, run_dir, model_dir)
     else:
-        console = Console()
+        console = launcher_console()
         handle = RunHandle(name=run_dir.name, run_dir=run_dir, cfg=run_cfg)
         if submit_to_slurm(handle, model_dir):
             console.print(f"submitted learner job {handle.learner.job_id}"

@@ -18,6 +18,9 @@ from pathlib import Path
 from p2o_hpc.io_utils import atomic_write_text
 
 
+LEARNER_LEASE = "learner.lease"
+
+
 class LeaseHeld(RuntimeError):
     """Another live process holds this lease."""
 
@@ -45,6 +48,11 @@ class Lease:
             return json.loads(self.path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+
+    def live_holder(self) -> dict | None:
+        """Who holds it now, or None when it is free or its holder is presumed dead."""
+        holder = self.holder()
+        return None if holder is None or self._stale(holder) else holder
 
     def _stale(self, holder: dict) -> bool:
         if time.time() - float(holder.get("heartbeat", 0)) > self.stale_s:

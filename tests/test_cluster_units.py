@@ -174,3 +174,14 @@ def test_every_preset_composes_and_validates(group, name):
         cfg = to_run_config(compose("config", overrides=[f"{group}={name}"]))
     validate(cfg)
     assert cfg.cluster.kind in ("local", "slurm")
+
+
+def test_a_live_learner_keeps_others_out_of_its_run_dir(tmp_path):
+    from p2o_hpc.cluster.runs import prepare_run_dir
+    from p2o_hpc.lease import LEARNER_LEASE
+
+    with Lease(tmp_path / LEARNER_LEASE, role="learner"):
+        with pytest.raises(RuntimeError, match="a learner is already writing this run dir"):
+            prepare_run_dir(RunConfig(), tmp_path, overrides=[])
+    prepare_run_dir(RunConfig(), tmp_path, overrides=["a=1"])  # released: free again
+    assert (tmp_path / "config.yaml").exists() and "a=1" in (tmp_path / "overrides.yaml").read_text()

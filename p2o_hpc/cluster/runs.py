@@ -21,7 +21,7 @@ from rich.table import Table
 
 from p2o_hpc.config import RunConfig
 from p2o_hpc.io_utils import atomic_write_text
-from p2o_hpc.lease import Lease
+from p2o_hpc.lease import LEARNER_LEASE, Lease
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 SERVICE_GRACE_S = 60.0  # after the learner completed, the service gets this long to end by itself on FINISHED
@@ -58,8 +58,8 @@ def preflight(cfg: RunConfig) -> None:
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, *, overrides: Optional[list[str]]) -> None:
     """The resolved config (what the jobs read) and the overrides that made it, before anything starts."""
-    holder = Lease(run_dir / "learner.lease").holder()
-    if holder is not None and time.time() - float(holder.get("heartbeat", 0)) < 60:
+    holder = Lease(run_dir / LEARNER_LEASE).live_holder()
+    if holder is not None:
         raise RuntimeError(f"{run_dir}: a learner is already writing this run dir (host {holder.get('host')}, "
                            f"pid {holder.get('pid')}); two jobs never share a run dir")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -194,6 +194,12 @@ def supervise(handles: list[RunHandle], console: Console, poll_s: float) -> None
 
 
 # ------------------------------------------------------------------------------------------------- summary
+
+def launcher_console() -> Console:
+    """The terminal's width; in a batch log (not a terminal) wide enough that the table stays one line a run."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
 
 def final_metrics(run_dir: Path) -> dict:
     path = run_dir / "metrics.jsonl"

@@ -18,7 +18,6 @@ from hydra.core.utils import JobReturn, JobStatus, setup_globals
 from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
-from rich.console import Console
 
 from p2o_hpc.cluster.runs import preflight
 from p2o_hpc.config import RunConfig, to_run_config, validate
@@ -72,12 +71,12 @@ class SweepLauncher(Launcher):
         return cfg, run_dir.resolve(), sweep_config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from p2o_hpc.cluster.runs import (RunHandle, point_latest, prepare_run_dir, report, run_locally,
-                                          submit_to_slurm, supervise)
+        from p2o_hpc.cluster.runs import (RunHandle, launcher_console, point_latest, prepare_run_dir, report,
+                                          run_locally, submit_to_slurm, supervise)
         from p2o_hpc.launch import resolve_model_dir
 
         setup_globals()
-        console = Console()
+        console = launcher_console()
         points, invalid = [], []
         for offset, overrides in enumerate(job_overrides):
             try:

@@ -32,7 +32,7 @@ from p2o_hpc.megatron.checkpointing import latest_checkpoint, load_checkpoint, l
 from p2o_hpc.megatron.distributed import init_megatron
 from p2o_hpc.megatron.forward import forward_collect, next_token_logprobs
 from p2o_hpc.io_utils import atomic_write_text
-from p2o_hpc.lease import Lease
+from p2o_hpc.lease import LEARNER_LEASE, Lease
 from p2o_hpc.megatron.hf_weights import export_hf_weights, load_hf_weights, save_hf_folder
 from p2o_hpc.megatron.model_provider import build_gpt_model, build_transformer_config, read_hf_architecture
 from p2o_hpc.megatron.training import OptimSettings, build_learner, train_step
@@ -586,9 +586,6 @@ class GRPOTrainer:
             self.worker.close()
         if self.sink is not None:
             self.sink.close()
-
-
-LEARNER_LEASE = "learner.lease"
 
 
 def run_worker(cfg_dict: dict, run_dir: str, model_dir: str, prepare_stop=None) -> GRPOTrainer:
