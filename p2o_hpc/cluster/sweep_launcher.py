@@ -89,6 +89,9 @@ class SweepLauncher(Launcher):
         names = [run_dir.name for _, _, run_dir, _ in points]
         if len(set(names)) != len(names):
             raise SweepPointsInvalid(f"two sweep points would share a run dir: {names}")
+        kinds = {cfg.cluster.kind for _, cfg, _, _ in points}
+        if len(kinds) > 1:
+            raise SweepPointsInvalid(f"a sweep runs all its points on one kind of cluster, not {sorted(kinds)}")
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -100,15 +103,12 @@ class SweepLauncher(Launcher):
             prepare_run_dir(cfg, run_dir, overrides=overrides)
             handles.append((RunHandle(name=run_dir.name, run_dir=run_dir, cfg=cfg), model_dir))
 
-        kinds = {handle.cfg.cluster.kind for handle, _ in handles}
         if kinds == {"local"}:
             for index, (handle, model_dir) in enumerate(handles):
                 console.rule(f"point {index + 1}/{len(handles)}: {handle.name}")
                 run_locally(handle, model_dir)
         else:
             for handle, model_dir in handles:
-                if handle.cfg.cluster.kind != "slurm":
-                    raise SweepPointsInvalid("a sweep runs all its points on one kind of cluster (cluster=local|slurm)")
                 if submit_to_slurm(handle, model_dir):
                     console.print(f"{handle.name}: learner job {handle.learner.job_id}"
                                   + (f", GEPA service job {handle.service.job_id}" if handle.service else ""))
