@@ -68,11 +68,13 @@ class StopSignal:
         """Call before any helper process starts. SLURM signals every process of the job step, so a vLLM engine
         or a checkpoint writer would die of the USR2 (its default action): USR2 is blocked here instead, a mask
         that children inherit (the signal stays pending there, harmlessly), and a thread takes it with sigwait.
-        SIGTERM keeps its default in children (they are stopped with it); here it only sets the flag."""
+        SIGTERM keeps its default in children (they are stopped with it); in a submitit task it only sets the
+        flag here. Elsewhere (local ranks) TERM keeps its default: the local launcher stops ranks with it."""
         if threading.current_thread() is not threading.main_thread():
             return self  # only the main thread may set handlers (a test harness thread): signals stay default
         signal.signal(signal.SIGUSR2, self._handle)  # for threads started before the mask (none in the learner)
-        signal.signal(signal.SIGTERM, self._handle)
+        if os.environ.get("SUBMITIT_FOLDER"):  # set by submitit in every task it runs
+            signal.signal(signal.SIGTERM, self._handle)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
         threading.Thread(target=self._wait_usr2, name="p2o-usr2", daemon=True).start()
         return self
