@@ -35,6 +35,30 @@ def untied_sharded_model_dir(tmp_path_factory):
     return target
 
 
+SANITY_TARGET = "\\"  # a backslash in the first 16 characters: ~20 % of the tiny model's samples at T=0.6
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """`toy_data(n)`: the first n MATH500 questions with the `early_substring` reward's target as their answer,
+    so the tiny model gets nonzero rewards (and losses); one JSONL file per n, written once a session."""
+    import json
+
+    from p2o_hpc.data import load_named
+
+    files = {}
+
+    def make(count: int):
+        if count not in files:
+            path = tmp_path_factory.mktemp(f"toy{count}") / "toy.jsonl"
+            rows = [{"id": p.id, "problem": p.problem, "answer": SANITY_TARGET} for p in load_named("math500")[:count]]
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            files[count] = path
+        return files[count]
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """The real local SLURM cluster (two slurmd nodes on this machine): started here if it is not up, and then

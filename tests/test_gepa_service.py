@@ -14,19 +14,15 @@ from pathlib import Path
 import pytest
 from test_grpo_loop import launch, metrics
 
-from p2o_hpc.data import load_named
 from p2o_hpc.paths import REPO_ROOT
 
 pytestmark = [pytest.mark.vllm, pytest.mark.multiproc]
 
 
 @pytest.fixture(scope="module")
-def sanity_data(tmp_path_factory) -> Path:
+def sanity_data(toy_data) -> Path:
     """MATH500 questions with a toy answer the tiny model sometimes produces early (reward early_substring)."""
-    path = tmp_path_factory.mktemp("p2o_data") / "toy.jsonl"
-    rows = [{"id": p.id, "problem": p.problem, "answer": "\\"} for p in load_named("math500")[:8]]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return toy_data(8)
 
 
 def p2o_overrides(data: Path, mode: str) -> list[str]:

@@ -14,12 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2o_hpc.data import load_named
 from p2o_hpc.paths import REPO_ROOT
 
 pytestmark = [pytest.mark.vllm, pytest.mark.multiproc]
-
-SANITY_TARGET = "\\"  # a backslash in the first 16 characters: ~20 % of the tiny model's samples at T=0.6
 
 
 def launch(run_dir: Path, *overrides: str, expect_ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -39,12 +36,9 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def sanity_data(tmp_path_factory) -> Path:
-    """MATH500 prompts whose 'answer' is the toy reward's target string."""
-    path = tmp_path_factory.mktemp("sanity") / "sanity.jsonl"
-    rows = [{"id": p.id, "problem": p.problem, "answer": SANITY_TARGET} for p in load_named("math500")[:64]]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+def sanity_data(toy_data) -> Path:
+    """64 MATH500 prompts whose 'answer' is the toy reward's target string."""
+    return toy_data(64)
 
 
 def sanity_overrides(data: Path, steps: int) -> list[str]:

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import submitit
 
-from p2o_hpc.data import load_named
 from p2o_hpc.paths import REPO_ROOT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.multiproc]
@@ -52,12 +51,9 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def sanity_data(tmp_path_factory) -> Path:
+def sanity_data(toy_data) -> Path:
     """MATH500 prompts with the toy answer of the `early_substring` reward: nonzero rewards and losses."""
-    path = tmp_path_factory.mktemp("slurm_data") / "toy.jsonl"
-    rows = [{"id": p.id, "problem": p.problem, "answer": "\\"} for p in load_named("math500")[:8]]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return toy_data(8)
 
 
 @pytest.fixture(scope="module", autouse=True)
