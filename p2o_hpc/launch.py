@@ -58,24 +58,32 @@ def resumed(cfg: RunConfig, explicit: list[str]) -> tuple[RunConfig, Path]:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"resume={cfg.resume}: {saved} does not exist (not a run dir?)")
-    where = ("cluster=", "cluster.")
+
+    def key(item: str) -> str:
+        return item.lstrip("~+").partition("=")[0]
+
+    def where(item: str) -> bool:
+        return key(item) == "cluster" or key(item).startswith("cluster.")
+
+    def bookkeeping(item: str) -> bool:
+        return key(item) == "resume" or key(item).startswith("hydra.")
+
     placement = ("parallel.nodes", "parallel.gpus_per_node")
-    changed = [item for item in explicit
-               if not item.lstrip("~+").startswith(("resume=", "hydra.", *where, *(f"{key}=" for key in placement)))]
+    changed = [item for item in explicit if not (where(item) or bookkeeping(item) or key(item) in placement)]
     if changed:
         raise ValueError(f"resume={cfg.resume} continues the run with its saved config; these overrides would "
                          f"change it: {changed} (only cluster=…, cluster.*, parallel.nodes, parallel.gpus_per_node may)")
     resumed_cfg = to_run_config(OmegaConf.load(saved))
-    new_cluster = [item for item in explicit if item.lstrip("~+").startswith(where)]
+    new_cluster = [item for item in explicit if where(item)]
     if new_cluster:
         overrides_file = run_dir / "overrides.yaml"
         original = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
-        kept = [item for item in original if not item.lstrip("~+").startswith(("resume=", "hydra.", *where))]
+        kept = [item for item in original if not (where(item) or bookkeeping(item))]
         resumed_cfg.cluster = to_run_config(compose(config_name="config", overrides=kept + new_cluster)).cluster
     for item in explicit:
-        key, _, value = item.lstrip("~+").partition("=")
-        if key in placement:
-            setattr(resumed_cfg.parallel, key.split(".")[1], None if value == "null" else int(value))
+        if key(item) in placement:
+            value = item.partition("=")[2]
+            setattr(resumed_cfg.parallel, key(item).split(".")[1], None if value == "null" else int(value))
     resumed_cfg.resume, resumed_cfg.run_dir = None, str(run_dir)
     return resumed_cfg, run_dir
 

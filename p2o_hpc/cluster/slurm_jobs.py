@@ -44,17 +44,21 @@ class SlurmLearnerTask(submitit.helpers.Checkpointable):
         abandon_after = cluster["abandon_after_s"]
         if abandon_after is None:
             abandon_after = max(10.0, cluster["signal_delay_s"] - 30.0)
-        try:
-            trainer = run_worker(self.cfg_dict, self.run_dir, self.model_dir, prepare_stop=lambda stop: (
+        can_requeue = env.rank == 0 and callable(requeue)
+
+        def arm_abandon(stop) -> None:
+            if can_requeue:
                 stop.abandon_steps_after(abandon_after, lambda: requeue(signal.SIGUSR2, None))
-                if env.rank == 0 and callable(requeue) else None))
+
+        try:
+            trainer = run_worker(self.cfg_dict, self.run_dir, self.model_dir, prepare_stop=arm_abandon)
         finally:
             shutdown()
         if not trainer.interrupted:
             return {**trainer.placement, "step": trainer.step}
         if not trainer.stop_signal.requeue:
             raise RuntimeError(f"stopped by SIGTERM at step {trainer.step} (checkpoint saved); not requeued")
-        if env.rank == 0 and callable(requeue):
+        if can_requeue:
             requeue(signal.SIGUSR2, None)  # exits this process; SLURM restarts the job, which resumes
         time.sleep(300)  # the other ranks wait to be stopped by the requeue
         sys.exit(1)
@@ -132,7 +136,6 @@ def submit_gepa_service(cfg: RunConfig, run_dir: Path) -> submitit.Job:
         mem_gb=resources.mem_gb,
         timeout_min=resources.time_min or cfg.cluster.time_min,
         slurm_partition=resources.partition or cfg.cluster.partition,
-        slurm_signal_delay_s=cfg.cluster.signal_delay_s,
     )
     return executor.submit(GEPAServiceTask(str(run_dir)))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
@@ -96,8 +97,6 @@ def set_rng_state(state: dict) -> None:
 
 def rank_placement(local_rank: int) -> dict:
     """Where this rank runs and which megatron groups it is in (logged; checked by the multi-node test)."""
-    import socket
-
     groups = {
         "tp": parallel_state.get_tensor_model_parallel_group(),
         "pp": parallel_state.get_pipeline_model_parallel_group(),
