@@ -12,7 +12,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from p2o_hpc.reflection.config import ReflectionConfig
+from p2o_hpc.reflection.config import ReflectionConfig, reflection_context_tokens
 
 
 @dataclass
@@ -32,7 +32,14 @@ class DataConfig:
     take: int = 5000
     limit: Optional[int] = None  # first N problems after the recipe (smoke runs)
     template: str = "Let's think step by step and output the final answer within \\boxed{}.\nQuestion: {problem}"
-    max_prompt_tokens: int = 1024  # longer prompts are an error naming the problem id
+    max_prompt_tokens: int = 4096  # the authors' data.max_prompt_length; longer prompts are an error naming the problem
+    # Passed to the tokenizer's chat template wherever a prompt is rendered (rollouts, the CD pass on x and x̃,
+    # GEPA scores and pass@k, evaluation). The authors render Qwen3 non-thinking (their data config); templates
+    # that do not use a variable ignore it.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_thinking": False})
+    # How this dataset's answers are graded (p2o_hpc.reward registry, as the authors pick the grader by
+    # data_source): math_verify (strict last box) | deepscaler | deepmath (exactly one box) | package.module:fn
+    reward: str = "math_verify"
 
 
 @dataclass
@@ -53,7 +60,10 @@ class P2OConfig:
     cd_clip_high: float = 9.0
     same_template_in_group: bool = False  # the paper's ablation: one template for all K rollouts of a prompt
     keep_one_plain_rollout: bool = False  # one of the K rollouts on the original prompt
-    template_max_tokens: int = 512  # longer evolved templates are rejected (never sent to the model)
+    # Longer evolved templates are rejected (never sent to the model, scored 0 by GEPA). The authors' limit is the
+    # prompt budget itself (data.max_prompt_length = 4096 for template + question); GEPA's meta-prompt invites long
+    # templates, so the same budget here.
+    template_max_tokens: int = 4096
 
 
 @dataclass
@@ -65,23 +75,29 @@ class AlgorithmConfig:
     micro_batch_size: int = 4  # sequences per forward/backward on one DP rank
     epochs: int = 5
     max_steps: Optional[int] = None  # stop early (smoke runs, tests)
-    # A prompt is hard when its success rate over the K rollouts is ≤ tau: 0 → all K failed (the paper);
-    # 0.17 with K=6 → at most one success (the authors' code mines these "near-hard" prompts too).
+    # A prompt is hard when its success rate over the K rollouts is ≤ tau, i.e. at most floor(tau·K) successes:
+    # 0 → all K failed (the paper's text); 0.17 with K=6 → at most one success, the authors' add_near_hard=True,
+    # which the paper preset uses (for another K take 1/K ≤ tau < 2/K).
     tau: float = 0.0
     advantage: str = "grpo"
     adv_eps: float = 1e-6
     policy_loss: str = "ppo_clip"
     clip_low: float = 0.2
     clip_high: float = 0.2
+    # Dual-clip PPO (Ye et al. 2020, the authors' verl clip_ratio_c): for A < 0 the loss is capped at −A·c, so a
+    # token whose ratio has exploded cannot dominate the update. null → plain PPO clip.
+    dual_clip_c: Optional[float] = 3.0
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean
     kl_coef: float = 0.0  # the paper trains without KL
     kl_penalty: str = "low_var_kl"
     one_step_off_policy: bool = False  # generate batch t+1 with weights from step t, overlapped with training
-    reward: str = "math_verify"  # math_verify | <registered reward name>
     lr: float = 1e-6
-    weight_decay: float = 0.0
+    weight_decay: float = 0.01  # the authors' verl optim default
     clip_grad: float = 1.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # optimizer steps of linear warm-up; 0 → from warmup_ratio
+    # The authors' lr_warmup_steps_ratio: int(ratio × the run's trainer steps) steps of warm-up (× the mini-batches
+    # of a step here, as megatron's scheduler counts optimizer steps).
+    warmup_ratio: float = 0.05
     lr_decay_style: str = "constant"
     hard: HardMiningConfig = field(default_factory=HardMiningConfig)
     p2o: P2OConfig = field(default_factory=P2OConfig)
@@ -106,15 +122,21 @@ class GEPAConfig:
     # blocking: the learner waits for epoch t's templates before epoch t+1 (the paper); overlap (service mode):
     # epoch t+1 starts with the prompts that need no template, last epoch's hard prompts wait for the templates.
     schedule: str = "blocking"
-    min_hard: int = 100  # fewer hard prompts: no GEPA round, the next epoch is plain GRPO
+    min_hard: int = 100  # fewer hard prompts: no GEPA round, next epoch plain GRPO (authors' hard_set_min_count)
+    # Dev = min(dev_size, n // 2) of the n hard prompts, train = the rest, disjoint (the authors' split: half/half
+    # below n = 1.5 · dev_size, 300 dev items from n = 600 on).
     dev_size: int = 300
     minibatch_size: int = 3  # reflection minibatch B
-    num_parents: int = 16  # beam W
+    # Beam W: parents per iteration, each mutated once; a front of ≤ W candidates is taken whole, else W distinct.
+    num_parents: int = 16
     parent_selection: str = "pareto_mean"  # pareto_mean (paper, Alg. 4) | instance_best_count (authors' code)
     auto: str = "heavy_4"  # DSPy auto budget: 72 candidates
     max_metric_calls: Optional[int] = None  # an explicit budget in policy rollouts instead of `auto`
-    max_response_chars: int = 4000  # failed responses in the reflection feedback keep their end
     max_response_tokens: Optional[int] = None  # evaluation rollouts; null → rollout.max_response_tokens
+    # (The reflection feedback is fitted by tokens into reflection.context_tokens − reflection.max_tokens.)
+    # Every GEPA score (seed, minibatch before/after, dev) is one rollout per item at this temperature; 0 = greedy,
+    # as the authors (val_kwargs.do_sample=False). pass@k keeps rollout.temperature (it measures sampling).
+    eval_temperature: float = 0.0
     seed: int = 0
     eval_pass_at_k: bool = True  # pass@1/pass@K on dev with vs without the best template (outside the budget)
     wait_timeout_s: float = 24 * 3600.0  # blocking schedule: longest the learner waits for templates
@@ -276,6 +298,10 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rollout.backend == "vllm", "rollout.backend: only 'vllm' is implemented"),
         (algo.p2o.cd_mask in ("hard", "soft", "none"), "algorithm.p2o.cd_mask must be hard, soft or none"),
         (algo.p2o.template_max_tokens >= 1, "algorithm.p2o.template_max_tokens must be ≥ 1"),
+        (algo.dual_clip_c is None or algo.dual_clip_c > 1.0,
+         f"algorithm.dual_clip_c={algo.dual_clip_c} must be > 1 (or null for plain PPO clip)"),
+        (0.0 <= algo.warmup_ratio < 1.0, f"algorithm.warmup_ratio={algo.warmup_ratio} must be in [0, 1)"),
+        (cfg.gepa.eval_temperature >= 0.0, "gepa.eval_temperature must be ≥ 0 (0 = greedy)"),
         (cfg.gepa.mode in ("service", "inline", "off"), "gepa.mode must be service, inline or off"),
         (cfg.gepa.schedule in ("blocking", "overlap"), "gepa.schedule must be blocking or overlap"),
         (not (cfg.gepa.schedule == "overlap" and cfg.gepa.mode != "service"),
@@ -283,6 +309,10 @@ def validate(cfg: RunConfig) -> None:
         (cfg.gepa.parent_selection in ("pareto_mean", "instance_best_count"),
          "gepa.parent_selection must be pareto_mean or instance_best_count"),
         (cfg.reflection.kind in ("self", "teacher", "none"), "reflection.kind must be self, teacher or none"),
+        (cfg.reflection.kind == "none" or reflection_context_tokens(cfg.reflection) > cfg.reflection.max_tokens,
+         f"reflection.max_tokens={cfg.reflection.max_tokens} leaves no room for the reflection prompt in the "
+         f"reflection context of {reflection_context_tokens(cfg.reflection)} tokens (reflection.context_tokens, "
+         "null → serve_max_model_len for self)"),
         (not (algo.p2o.enabled and cfg.gepa.mode != "off" and cfg.reflection.kind == "none"),
          "algorithm.p2o needs a reflection model: reflection=self or reflection=teacher (or gepa.mode=off)"),
     ]

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from p2o_hpc.paths import cache_dir, shared_data_dir
+from p2o_hpc.qwen3_chat_template import QWEN3_CHAT_TEMPLATE
 
 # Bump when the build recipe changes in a way that changes the folder's bytes.
-FACTORY_VERSION = 1
+FACTORY_VERSION = 2  # 2: Qwen3's own chat template and <think>/</think> added tokens
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -34,14 +35,8 @@ QWEN_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-QWEN_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- endif %}"
-)
+# Qwen3 tokenizes these as single added (not special) tokens; its chat template writes them.
+THINK_TOKENS = ("<think>", "</think>")
 
 # Megatron splits the embedding across tensor-parallel ranks, so the padded vocab must divide evenly.
 VOCAB_MULTIPLE = 128
@@ -194,7 +189,8 @@ def _build_into(folder: Path, settings: dict[str, Any], seed: int) -> None:
         model_max_length=settings["max_position_embeddings"],
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.add_tokens(list(THINK_TOKENS))
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     special_ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
 
     arch = dict(settings)

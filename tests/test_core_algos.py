@@ -93,3 +93,54 @@ def test_unknown_names_list_the_known_ones():
         get_policy_loss("ppo")
     with pytest.raises(KeyError, match="grpo"):
         get_advantage_estimator("gae")
+
+
+def test_dual_clip_by_hand():
+    old = torch.zeros(5)
+    # ratios 5, 3.5, 2.5, 0.5, 5; advantages -1, -2, -1, -1, +1
+    new = torch.log(torch.tensor([5.0, 3.5, 2.5, 0.5, 5.0]))
+    adv = torch.tensor([-1.0, -2.0, -1.0, -1.0, 1.0])
+    loss, _ = ppo_clip_loss(new, old, adv, clip_low=0.2, clip_high=0.2, dual_clip_c=3.0)
+    # A<0: PPO gives max(-A r, -A clip(r)) = -A·r (5, 7, 2.5, 0.8 for r=0.5 clipped to 0.8); dual clip caps it at
+    # -A·c = 3, 6, 3, 3 → 3, 6, 2.5, 0.8. A>0 is untouched: min(r, 1.2)·A → loss -1.2.
+    assert loss.tolist() == pytest.approx([3.0, 6.0, 2.5, 0.8, -1.2], rel=1e-6)
+    plain, _ = ppo_clip_loss(new, old, adv, clip_low=0.2, clip_high=0.2)
+    assert plain.tolist() == pytest.approx([5.0, 7.0, 2.5, 0.8, -1.2], rel=1e-6)
+    # The capped token has no gradient (its loss is the constant -A·c), as in dual-clip PPO.
+    new = new.clone().requires_grad_()
+    loss, _ = ppo_clip_loss(new, old, adv, clip_low=0.2, clip_high=0.2, dual_clip_c=3.0)
+    loss.sum().backward()
+    assert new.grad[0].item() == 0.0 and new.grad[1].item() == 0.0 and new.grad[2].item() != 0.0
+
+
+def test_log_ratio_is_clamped_like_verl():
+    loss, _ = ppo_clip_loss(torch.tensor([0.0]), torch.tensor([-100.0]), torch.tensor([-1.0]),
+                            clip_low=0.2, clip_high=0.2)
+    assert loss.item() == pytest.approx(math.exp(20.0), rel=1e-5)  # not inf
+
+
+def test_cd_masked_tokens_stay_in_the_token_mean_denominator(monkeypatch):
+    """The authors' loss: pg_losses * template_ratio_mask, then token-mean over response_mask."""
+    from p2o_hpc.algo import policy_loss
+    from p2o_hpc.algo.policy_loss import PolicyLossSettings, make_policy_loss_fn
+
+    # megatron's vocab-parallel log-probs need a process group; at TP1 they are the plain log-softmax.
+    monkeypatch.setattr(policy_loss, "next_token_logprobs", lambda logits, ids, vocab: torch.log_softmax(
+        logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0])
+
+    vocab = 8
+    input_ids = torch.tensor([[1, 2, 3, 4]])
+    logits = torch.zeros(1, 4, vocab)  # uniform: log π = -log 8 for every target
+    batch = {
+        "input_ids": input_ids,
+        "response_mask": torch.tensor([[0, 1, 1, 1]]),
+        "old_logprobs": torch.full((1, 3), -math.log(vocab)),  # ratio 1 everywhere
+        "advantages": torch.tensor([2.0]),
+        "cd_weight": torch.tensor([[1.0, 0.0, 1.0]]),  # the 2nd response target is CD-masked
+    }
+    loss_fn = make_policy_loss_fn(vocab, PolicyLossSettings(dual_clip_c=3.0))
+    summed, count, _ = loss_fn(batch, logits)
+    # per-token loss -A·r = -2 on the 3 targets at positions 1..3; response targets are next-token positions 1, 2
+    # (target_mask = response_mask[:, 1:] = [1, 1, 1]); the masked one contributes 0 but still counts.
+    assert count.item() == 3.0
+    assert summed.item() == pytest.approx(-4.0)

@@ -43,7 +43,7 @@ def sanity_data(toy_data) -> Path:
 
 def sanity_overrides(data: Path, steps: int) -> list[str]:
     return [
-        "experiment=smoke", f"data.train={data}", "data.limit=null", "algorithm.reward=early_substring",
+        "experiment=smoke", f"data.train={data}", "data.limit=null", "data.reward=early_substring",
         "algorithm.prompts_per_step=8", "algorithm.mini_batch_prompts=4", "algorithm.micro_batch_size=8",
         "algorithm.n_samples=8", f"algorithm.max_steps={steps}", "algorithm.lr=2e-3", "algorithm.epochs=100",
         "rollout.max_response_tokens=8", "logging.wandb.mode=disabled",

@@ -125,7 +125,7 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path, sanity_data):
     checkpoint): checkpoint at the step boundary, requeue, resume; no step lost or repeated, and the resumed steps
     equal an uninterrupted run of the same config."""
     common = [*SLURM, "experiment=smoke", f"data.train={sanity_data}", "data.limit=8",
-              "algorithm.reward=early_substring", "rollout.max_response_tokens=8", "algorithm.max_steps=4",
+              "data.reward=early_substring", "rollout.max_response_tokens=8", "algorithm.max_steps=4",
               "algorithm.lr=2e-3", "trainer.save_every=100", "cluster.time_min=5", "cluster.max_num_timeout=3"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     straight, preempted = tmp_path / "straight", tmp_path / "preempted"

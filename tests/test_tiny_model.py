@@ -63,16 +63,27 @@ def test_folder_loads_in_transformers_with_consistent_ids(tiny_path, tokenizer):
     assert logits.shape == (1, ids.shape[1], config.vocab_size) and torch.isfinite(logits).all()
 
 
-def test_chat_template_is_qwen_style(tokenizer):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1+1?"}]
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert rendered == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n"
-        "<|im_start|>user\nWhat is 1+1?<|im_end|>\n"
-        "<|im_start|>assistant\n"
+def test_chat_template_is_qwen3s_own(tokenizer):
+    from p2o_hpc.qwen3_chat_template import (
+        NON_THINKING_GENERATION_PROMPT,
+        QWEN3_CHAT_TEMPLATE,
+        THINKING_GENERATION_PROMPT,
     )
-    ids = tokenizer(rendered, add_special_tokens=False).input_ids
+
+    assert tokenizer.chat_template == QWEN3_CHAT_TEMPLATE
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1+1?"}]
+    turns = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 1+1?<|im_end|>\n"
+    thinking = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert thinking == turns + THINKING_GENERATION_PROMPT == turns + "<|im_start|>assistant\n"
+    plain = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert plain == turns + NON_THINKING_GENERATION_PROMPT == turns + "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    ids = tokenizer(plain, add_special_tokens=False).input_ids
     assert ids.count(tokenizer.convert_tokens_to_ids(IM_START)) == 3  # special tokens are single ids
+    for think in ("<think>", "</think>"):  # single added tokens, as in Qwen3's vocabulary
+        assert ids.count(tokenizer.convert_tokens_to_ids(think)) == 1
+    # A past assistant turn's reasoning is dropped from history, as Qwen3 renders multi-turn chats.
+    history = messages + [{"role": "assistant", "content": "<think>\n1+1</think>\n\n2"}, {"role": "user", "content": "x"}]
+    assert "<|im_start|>assistant\n2<|im_end|>" in tokenizer.apply_chat_template(history, tokenize=False)
 
 
 def test_math_text_round_trips_exactly(tokenizer):

@@ -112,15 +112,22 @@ def ppo_clip_loss(
     *,
     clip_low: float,
     clip_high: float,
+    dual_clip_c: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token PPO clipped surrogate with asymmetric ratio bounds [1 − clip_low, 1 + clip_high].
 
+    dual_clip_c (dual-clip PPO, Ye et al. 2020; verl's clip_ratio_c, the authors' 3.0): where A < 0 the loss is
+    also capped at −A·c, so a token whose ratio has run far above 1 + clip_high stops pushing. The log-ratio is
+    clamped to ±20 before exp, as verl does, so one wild token cannot overflow.
     Returns (per-token loss, per-token 0/1 "the clip was active") — the latter is the clip fraction's numerator.
     """
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    return torch.maximum(unclipped, clipped), (clipped > unclipped).to(logprobs.dtype)
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip_c is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip_c), loss)
+    return loss, (clipped > unclipped).to(logprobs.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- KL

@@ -6,6 +6,9 @@ Micro-batch keys (all right-padded to the micro-batch's longest sequence):
   old_logprobs [b, s-1] (behaviour log-probs aligned with next-token positions); advantages [b];
   ref_logprobs [b, s-1] (only with a KL term);
   cd_weight [b, s-1] (P²O context distillation: per-token weights from the π(y|x)/π(y|x̃) ratio mask; absent = 1).
+
+A CD-masked token multiplies its loss by its weight but stays in the token-mean's denominator, as in the authors'
+loss (verl core_algos.compute_policy_loss: `pg_losses * template_ratio_mask`, then agg_loss over response_mask).
 """
 
 from __future__ import annotations
@@ -23,16 +26,15 @@ class PolicyLossSettings:
     policy_loss: str = "ppo_clip"
     clip_low: float = 0.2
     clip_high: float = 0.2
+    dual_clip_c: float | None = None
     loss_agg: str = "token-mean"
     kl_coef: float = 0.0
     kl_penalty: str = "low_var_kl"
 
 
 def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[b, s-1]: next-token positions whose target is a response token (prompt and padding never train),
-    weighted by the context-distillation mask where there is one (a masked token leaves numerator and count)."""
-    mask = batch["response_mask"][:, 1:].float()
-    return mask * batch["cd_weight"].float() if "cd_weight" in batch else mask
+    """[b, s-1]: next-token positions whose target is a response token (prompt and padding never train)."""
+    return batch["response_mask"][:, 1:].float()
 
 
 def make_policy_loss_fn(vocab_size: int, settings: PolicyLossSettings):
@@ -46,8 +48,11 @@ def make_policy_loss_fn(vocab_size: int, settings: PolicyLossSettings):
         mask = target_mask(batch)
         advantages = batch["advantages"].float()[:, None].expand_as(logprobs)
         per_token, clipped = policy_loss(
-            logprobs, batch["old_logprobs"], advantages, clip_low=settings.clip_low, clip_high=settings.clip_high
+            logprobs, batch["old_logprobs"], advantages, clip_low=settings.clip_low, clip_high=settings.clip_high,
+            dual_clip_c=settings.dual_clip_c,
         )
+        if "cd_weight" in batch:
+            per_token = per_token * batch["cd_weight"].float()
         metrics = {}
         if kl_penalty is not None:
             kl = kl_penalty(logprobs, batch["ref_logprobs"])

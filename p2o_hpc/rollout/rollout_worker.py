@@ -6,43 +6,24 @@ One host per node (local rank 0); the trainer splits each step's prompts across 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
 from p2o_hpc.data import Problem, encode_prompt
 from p2o_hpc.p2o.templates import rejection_reason
+from p2o_hpc.reward.registry import REWARDS, resolve_reward  # noqa: F401  (REWARDS re-exported)
 from p2o_hpc.trainer.rollout_batch import Rollout
 
 # Room for the separator between template and question, and for tokens merging across the join.
 TEMPLATE_SLACK_TOKENS = 8
 
-REWARDS = {
-    "math_verify": "p2o_hpc.reward.math_verify_reward:strict_boxed_reward",  # the paper's strict boxed reward
-    "early_substring": "p2o_hpc.reward.sanity:early_substring_reward",  # toy: end-to-end learning checks
-}
-
-
-def resolve_reward(name: str) -> Callable[[str, str], float]:
-    """A registered reward name, or "package.module:function" for a grader `(response, ground_truth) -> float`.
-
-    The grader runs in the pool's worker processes, so it must be importable there (module level).
-    """
-    target = REWARDS.get(name, name)
-    if ":" not in target:
-        raise KeyError(f"unknown reward {name!r}; known: {sorted(REWARDS)} or 'package.module:function'")
-    module_name, function_name = target.split(":", 1)
-    try:
-        return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise KeyError(f"reward {name!r}: cannot import {target}: {error}") from error
-
 
 class RolloutWorker:
     def __init__(self, model_dir: str, *, template: str, max_prompt_tokens: int, max_response_tokens: int,
                  dtype: str, seed: int, gpu_memory_utilization: float, enable_sleep_mode: bool,
-                 reward: str, reward_workers: int, reward_timeout_s: float, template_max_tokens: int = 0):
+                 reward: str, reward_workers: int, reward_timeout_s: float, template_max_tokens: int = 0,
+                 chat_template_kwargs: dict | None = None):
         from transformers import AutoTokenizer
 
         from p2o_hpc.reward.math_verify_reward import RewardPool
@@ -50,6 +31,9 @@ class RolloutWorker:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.template = template
+        # Every prompt this host sends to its engine is rendered here (rollouts, the CD pair x / x̃, GEPA scores and
+        # pass@k), so the chat-template variables (Qwen3: enable_thinking=False) hold on every path.
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.max_prompt_tokens = max_prompt_tokens
         self.template_max_tokens = template_max_tokens  # P²O templates; 0 when P²O is off
         self.reward_pool = RewardPool(reward_workers, timeout_s=reward_timeout_s, grader=resolve_reward(reward))
@@ -75,14 +59,16 @@ class RolloutWorker:
             dtype=cfg.rollout.dtype if cfg.rollout.dtype != "auto" else vllm_dtypes[cfg.model.params_dtype],
             seed=cfg.rollout.seed, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             enable_sleep_mode=cfg.rollout.enable_sleep_mode if enable_sleep_mode is None else enable_sleep_mode,
-            reward=cfg.algorithm.reward, reward_workers=cfg.reward.workers, reward_timeout_s=cfg.reward.timeout_s,
+            reward=cfg.data.reward, reward_workers=cfg.reward.workers, reward_timeout_s=cfg.reward.timeout_s,
             template_max_tokens=p2o.template_max_tokens if p2o.enabled else 0,
+            chat_template_kwargs=dict(cfg.data.chat_template_kwargs),
         )
 
     def encode(self, problems: list[Problem], p2o_templates: list[str] | None = None) -> list[list[int]]:
         """Prompt ids per problem, each under its P²O template ("" or None: the original prompt)."""
         p2o_templates = p2o_templates or [""] * len(problems)
-        encoded = [encode_prompt(self.tokenizer, problem.problem, self.template, p2o_template=p2o_template)
+        encoded = [encode_prompt(self.tokenizer, problem.problem, self.template, p2o_template=p2o_template,
+                                 chat_template_kwargs=self.chat_template_kwargs)
                    for problem, p2o_template in zip(problems, p2o_templates)]
         for problem, p2o_template, ids in zip(problems, p2o_templates, encoded):
             limit = self.max_prompt_tokens + (self.template_max_tokens + TEMPLATE_SLACK_TOKENS if p2o_template else 0)

@@ -27,7 +27,7 @@ from p2o_hpc.algo.context_distillation import cd_token_weights
 from p2o_hpc.algo.core_algos import get_advantage_estimator
 from p2o_hpc.algo.policy_loss import PolicyLossSettings, make_policy_loss_fn
 from p2o_hpc.config import RunConfig, to_run_config
-from p2o_hpc.data import DATASETS, HF_DATASETS, Problem, PromptLoader, deepmath_recipe, deepscaler_recipe, load_named, load_problems
+from p2o_hpc.data import Problem, PromptLoader, recipe_split
 from p2o_hpc.cluster.preemption import StopSignal
 from p2o_hpc.megatron.checkpointing import latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
 from p2o_hpc.megatron.distributed import init_megatron
@@ -62,17 +62,9 @@ class RefitCheckError(RuntimeError):
 
 
 def training_problems(data_cfg) -> list[Problem]:
-    """The configured training set after the paper's subset recipe (and an optional limit for smoke runs)."""
-    if data_cfg.train in DATASETS or data_cfg.train in HF_DATASETS:
-        problems = load_named(data_cfg.train)
-    else:
-        problems = load_problems(data_cfg.train)
-    if data_cfg.recipe == "deepscaler":
-        problems = deepscaler_recipe(problems, seed=data_cfg.recipe_seed, holdout=data_cfg.holdout, take=data_cfg.take).train
-    elif data_cfg.recipe == "deepmath":
-        problems = deepmath_recipe(problems, seed=data_cfg.recipe_seed, holdout=data_cfg.holdout, take=data_cfg.take).train
-    elif data_cfg.recipe is not None:
-        raise ValueError(f"data.recipe={data_cfg.recipe!r}: expected deepscaler, deepmath or null")
+    """The configured training set as the authors' recipe selects it (and an optional limit for smoke runs)."""
+    problems = recipe_split(data_cfg.train, data_cfg.recipe, seed=data_cfg.recipe_seed, holdout=data_cfg.holdout,
+                            take=data_cfg.take).train
     return problems[: data_cfg.limit] if data_cfg.limit else problems
 
 
@@ -106,6 +98,15 @@ def rank_placement(local_rank: int) -> dict:
             **{f"{name}_group": dist.get_process_group_ranks(group) for name, group in groups.items()}}
 
 
+def warmup_optimizer_steps(algo, run_steps: int, mini_batches_per_step: int) -> int:
+    """Linear LR warm-up length in optimizer steps: algorithm.warmup_steps, else the authors' verl rule
+    int(warmup_ratio × the run's trainer steps), counted in trainer steps there (one scheduler step per trainer
+    step) and so multiplied by the mini-batches of a step here (megatron's scheduler steps per optimizer step)."""
+    if algo.warmup_steps:
+        return algo.warmup_steps
+    return int(algo.warmup_ratio * run_steps) * mini_batches_per_step
+
+
 class GRPOTrainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, model_dir: str):
         self.cfg, self.run_dir, self.model_dir = cfg, run_dir, model_dir
@@ -125,12 +126,14 @@ class GRPOTrainer:
         self.mini_batches_per_step = algo.prompts_per_step // algo.mini_batch_prompts
         dtype = DTYPES[cfg.model.params_dtype]
         self.learner = build_learner(self.arch, model_dir, OptimSettings(
-            lr=algo.lr, weight_decay=algo.weight_decay, clip_grad=algo.clip_grad, warmup_steps=algo.warmup_steps,
+            lr=algo.lr, weight_decay=algo.weight_decay, clip_grad=algo.clip_grad,
+            warmup_steps=warmup_optimizer_steps(algo, steps, self.mini_batches_per_step),
             decay_style=algo.lr_decay_style, total_steps=self.total_steps * self.mini_batches_per_step,
         ), dtype)
         self.reference = self._build_reference(dtype) if algo.kl_coef > 0 else None
         self.loss_fn = make_policy_loss_fn(self.arch.vocab_size, PolicyLossSettings(
-            policy_loss=algo.policy_loss, clip_low=algo.clip_low, clip_high=algo.clip_high, loss_agg=algo.loss_agg,
+            policy_loss=algo.policy_loss, clip_low=algo.clip_low, clip_high=algo.clip_high,
+            dual_clip_c=algo.dual_clip_c, loss_agg=algo.loss_agg,
             kl_coef=algo.kl_coef, kl_penalty=algo.kl_penalty,
         ))
         self.advantage_fn = get_advantage_estimator(algo.advantage)
