@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections import Counter
 
 import pytest
 
 from p2o_hpc.data import (
     DATASETS,
+    answer_type,
+    authors_split,
+    balance_by_answer_type,
+    recipe_split,
     PAPER_TEMPLATE,
     DatasetError,
     Problem,
     PromptLoader,
     TemplateError,
-    deepmath_recipe,
-    deepscaler_recipe,
     encode_prompt,
     last_boxed,
     load_named,
@@ -205,37 +209,245 @@ def test_last_boxed_balances_braces():
 # ---------------------------------------------------------------------------------------------- recipes
 
 
-def test_deepscaler_recipe_sizes_determinism_disjoint(named):
-    problems = named["deepscaler_partial"]
-    train, holdout = deepscaler_recipe(problems)
-    assert (len(train), len(holdout)) == (5000, 500)
-    assert not {p.id for p in train} & {p.id for p in holdout}
-    again = deepscaler_recipe(problems)
-    assert [p.id for p in again.train] == [p.id for p in train]
-    assert [p.id for p in again.holdout] == [p.id for p in holdout]
-    other = deepscaler_recipe(problems, seed=43)
-    assert [p.id for p in other.train] != [p.id for p in train]
+def _ids_of(split):
+    return [p.id for p in split.train], [p.id for p in split.holdout]
+
+
+def _numbered_rows(path, n, **extra):
+    """n answered rows with ids r0..r{n-1} (and the same extra fields each) as a .jsonl file."""
+    return _write_jsonl(path, [json.dumps({"id": f"r{i}", "problem": f"q{i}", "answer": str(i), **extra})
+                               for i in range(n)])
+
+
+def test_recipe_split_deepscaler_determinism_seed_and_disjoint():
+    first = recipe_split("deepscaler_partial", "deepscaler")
+    train, holdout = _ids_of(first)
+    assert (len(train), len(holdout)) == (4999, 499)  # 5000 and 500 selected, one unanswered row dropped from each
+    assert not set(train) & set(holdout)
+    assert _ids_of(recipe_split("deepscaler_partial", "deepscaler")) == (train, holdout)
+    other_train, other_holdout = _ids_of(recipe_split("deepscaler_partial", "deepscaler", seed=43))
+    assert other_train != train and other_holdout != holdout
+
+
+def test_recipe_split_holdout_and_take_sizes(tmp_path):
+    path = _numbered_rows(tmp_path / "rows.jsonl", 20)
+    # the rows authors_split(20, holdout=5, take=4, shuffle_first=True) picks (pinned below), in its order
+    assert _ids_of(recipe_split(path, "deepscaler", holdout=5, take=4)) == (
+        ["r10", "r5", "r14", "r7"], ["r4", "r0", "r2", "r19", "r11"])
+    train, holdout = _ids_of(recipe_split(path, "deepscaler", holdout=5, take=100))  # take > train: all of train
+    assert (len(train), len(holdout)) == (15, 5) and sorted(train + holdout) == sorted(f"r{i}" for i in range(20))
+    train, holdout = _ids_of(recipe_split(path, "deepscaler", holdout=0, take=8))
+    assert (len(train), holdout) == (8, [])
+    path = _numbered_rows(tmp_path / "hard.jsonl", 12, difficulty=8)
+    train, holdout = _ids_of(recipe_split(path, "deepmath", holdout=3, take=5, balance=False))
+    assert (len(train), len(holdout)) == (5, 3) and not set(train) & set(holdout)
+    assert _ids_of(recipe_split(path, "deepmath", holdout=3, take=5, balance=False, seed=7)) != (train, holdout)
+
+
+def test_recipe_split_empty_train_is_an_error(tmp_path):
+    path = _numbered_rows(tmp_path / "ten.jsonl", 10, difficulty=9)
+    with pytest.raises(DatasetError, match="recipe left no training rows: 10 rows, 10 held out"):
+        recipe_split(path, "deepscaler", holdout=10)
     with pytest.raises(DatasetError, match="no training rows"):
-        deepscaler_recipe(problems[:10], holdout=10)
+        recipe_split(path, "deepmath", holdout=500, balance=False)  # min(n, 500): every row held out
 
 
-def test_deepmath_recipe_filters_difficulty(named):
-    problems = named["deepmath_partial"]
-    train, holdout = deepmath_recipe(problems)
-    # MANIFEST: 1570 rows with difficulty >= 7 in the partial copy -> 500 held out, 1070 train (paper: 5000).
-    assert (len(train), len(holdout)) == (1070, 500)
+def test_recipe_split_deepmath_filters_difficulty_and_balances():
+    train, holdout = recipe_split("deepmath_partial", "deepmath")
+    # MANIFEST: 1570 rows with difficulty >= 7 in the partial copy; the authors' balancing keeps 1021 of them
+    # -> 500 held out, 521 train (paper: 5000).
+    assert (len(train), len(holdout)) == (521, 500)
     assert all(float(p.meta["difficulty"]) >= 7.0 for p in train + holdout)
     assert not {p.id for p in train} & {p.id for p in holdout}
-    assert [p.id for p in deepmath_recipe(problems).train] == [p.id for p in train]
+    assert _ids_of(recipe_split("deepmath_partial", "deepmath")) == ([p.id for p in train], [p.id for p in holdout])
+    unbalanced = recipe_split("deepmath_partial", "deepmath", balance=False)
+    assert (len(unbalanced.train), len(unbalanced.holdout)) == (1070, 500)
+    assert all(float(p.meta["difficulty"]) >= 7.0 for p in unbalanced.train + unbalanced.holdout)
 
 
-def test_deepmath_recipe_names_non_numeric_difficulty():
-    rows = [Problem(id="ok", problem="p", answer="1", source="t", meta={"difficulty": "8"}),
-            Problem(id="bad-row", problem="p", answer="1", source="t", meta={"difficulty": "hard"})]
-    with pytest.raises(DatasetError, match="'bad-row'.*non-numeric difficulty: 'hard'"):
-        deepmath_recipe(rows)
-    with pytest.raises(DatasetError, match="'x'.*no numeric difficulty"):
-        deepmath_recipe([Problem(id="x", problem="p", answer="1", source="t", meta={})])
+def test_recipe_split_deepmath_filter_and_balancing_on_a_small_file(tmp_path):
+    rows = [{"id": "easy", "problem": "q", "answer": "5", "difficulty": 6.5},
+            {"id": "no-difficulty", "problem": "q", "answer": "5"},  # counts as 0, as x.get("difficulty", 0)
+            {"id": "text-difficulty", "problem": "q", "answer": "12", "difficulty": "8"},
+            {"id": "numeric", "problem": "q", "answer": "3", "difficulty": 8}]
+    rows += [{"id": f"yes{i}", "problem": "q", "answer": "Yes", "difficulty": 8} for i in range(8)]
+    path = _write_jsonl(tmp_path / "dm.jsonl", [json.dumps(r) for r in rows])
+    hard = [r for r in rows if float(r.get("difficulty", 0)) >= 7]
+    unbalanced = recipe_split(path, "deepmath", holdout=0, balance=False)
+    assert [p.id for p in unbalanced.train] == [r["id"] for r in hard] and unbalanced.holdout == []
+    balanced = recipe_split(path, "deepmath", holdout=0)
+    order = balance_by_answer_type([float(r["difficulty"]) for r in hard], [r["answer"] for r in hard], seed=42)
+    assert [p.id for p in balanced.train] == [hard[i]["id"] for i in order]
+    # difficulty 8: 10 answered rows, the 2 numeric ones within their quota int(10 * 0.95) = 9, yes/no quota 0
+    assert sorted(p.id for p in balanced.train) == ["numeric", "text-difficulty"]
+    lower = recipe_split(path, "deepmath", holdout=0, balance=False, min_difficulty=6)
+    assert [p.id for p in lower.train] == ["easy"] + [r["id"] for r in hard]
+
+
+def _digest(ids) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+# The authors' selections on the shared/data copies, computed once with their own code (datasets 3.6.0 calls and
+# balance_dataset_by_answer_type from scripts/data_process/DeepMath-103K.py) and pinned here: sha256 prefix of
+# the selected problem ids, in order, after unanswered rows are dropped.
+AUTHORS_DEEPSCALER_PARTIAL = {"train": (4999, "4e8d1d425daa55a4"), "holdout": (499, "2ba1c0070353e86f")}
+AUTHORS_DEEPMATH_PARTIAL = {"train": (521, "31c51128afead519"), "holdout": (500, "34b5a8ee9f0bbd57"),
+                            "balanced": (1021, "8942adfefc12b2c3")}
+
+
+def _deepscaler_rows():
+    root = shared_data_dir() / "train" / "deepscaler_partial"
+    rows = []
+    for stem in ("aime", "math"):
+        for index, row in enumerate(json.loads((root / f"{stem}.json").read_text())):
+            answer = row.get("answer")
+            rows.append({"problem": row["problem"], "answer": None if answer is None else str(answer),
+                         "id": f"{stem}:{index}"})
+    return rows
+
+
+def _deepmath_hub_rows():
+    """The DeepMath sample under DeepMath-103K's hub field names (question, final_answer, difficulty: float)."""
+    path = shared_data_dir() / "train" / "deepmath_partial" / "math_deepmath_deal.jsonl"
+    return [{"id": r["id"], "question": r["prompt"], "final_answer": r["ground_truth"],
+             "difficulty": float(r["difficulty"]), "r1_solution_1": "long trace"}
+            for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_authors_split_pinned_small_case_and_caps():
+    # Dataset.from_dict({"row": range(20)}).shuffle(seed=42).train_test_split(test_size=5, seed=42), then
+    # ["train"].train_test_split(test_size=4, seed=42)["test"], read off datasets 3.6.0.
+    expected = ([10, 5, 14, 7], [4, 0, 2, 19, 11])
+    assert authors_split(20, holdout=5, take=4, shuffle_first=True) == expected
+    train, held = authors_split(30, holdout=500, take=5000, shuffle_first=False)  # min(n, 500): all held out
+    assert (train, held) == ([], list(range(30)))
+    train, held = authors_split(700, holdout=500, take=5000, shuffle_first=False)  # take > train: train as is
+    assert len(train) == 200 and sorted(train + held) == list(range(700))
+    assert authors_split(50, holdout=0, take=50, shuffle_first=False) == (list(range(50)), [])
+
+
+@pytest.mark.parametrize(("n", "holdout", "take", "shuffle_first"),
+                         [(8449, 500, 5000, True), (1021, 500, 5000, False), (700, 500, 100, True), (3, 1, 1, False)])
+def test_authors_split_equals_the_datasets_calls(n, holdout, take, shuffle_first):
+    import datasets
+
+    table = datasets.Dataset.from_dict({"row": list(range(n))})
+    if shuffle_first:
+        table = table.shuffle(seed=42)
+    parts = table.train_test_split(test_size=holdout, seed=42)
+    train = parts["train"]
+    if take < len(train):
+        train = train.train_test_split(test_size=take, seed=42)["test"]
+    expected = (list(train["row"]), list(parts["test"]["row"]))
+    assert authors_split(n, holdout=holdout, take=take, shuffle_first=shuffle_first) == expected
+
+
+def test_recipe_split_deepscaler_selects_the_authors_rows(caplog):
+    """Selection over all 8449 rows (the 4 unanswered included, as the authors' scripts see them); the one
+    unanswered row that lands in each split is dropped afterwards."""
+    with caplog.at_level(logging.WARNING):
+        train, holdout = recipe_split("deepscaler_partial", "deepscaler")
+    assert "math.json index 5330" in caplog.text and "math.json index 1009" in caplog.text
+    assert (len(train), _digest(p.id for p in train)) == AUTHORS_DEEPSCALER_PARTIAL["train"]
+    assert (len(holdout), _digest(p.id for p in holdout)) == AUTHORS_DEEPSCALER_PARTIAL["holdout"]
+    assert all(p.source == "deepscaler_partial" and p.answer for p in train + holdout)
+
+
+def test_hf_deepscaler_path_equals_the_authors_datasets_calls(monkeypatch):
+    """The hf: path (load_dataset stood in by a Dataset of the local rows) against scripts/data_process/
+    deepscaler.py's own calls on the same Dataset."""
+    import datasets
+
+    hub = datasets.Dataset.from_list(_deepscaler_rows())
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: hub)
+    shuffled = hub.shuffle(seed=42)
+    split = shuffled.train_test_split(test_size=500, seed=42)
+    train_5000 = split["train"].train_test_split(test_size=5000, seed=42)["test"]
+    answered = lambda table: [i for i, a in zip(table["id"], table["answer"]) if a]  # noqa: E731
+    got = recipe_split("deepscaler", "deepscaler")
+    assert [p.id for p in got.train] == answered(train_5000)
+    assert [p.id for p in got.holdout] == answered(split["test"])
+    assert (len(got.train), _digest(answered(train_5000))) == AUTHORS_DEEPSCALER_PARTIAL["train"]
+    assert all(p.source == "deepscaler" for p in got.train)
+
+
+def test_hf_deepmath_path_equals_the_authors_datasets_calls(monkeypatch):
+    """scripts/data_process/DeepMath-103K.py: filter(difficulty >= 7) -> balance -> train_test_split(500) ->
+    train_test_split(min(n, 5000)) on a hub-shaped Dataset; the R1 traces are dropped before rows are read."""
+    import datasets
+
+    hub = datasets.Dataset.from_list(_deepmath_hub_rows())
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: hub)
+    hard = hub.filter(lambda x: x.get("difficulty", 0) >= 7)
+    order = balance_by_answer_type(hard["difficulty"], hard["final_answer"], seed=42)
+    balanced = hard.select(order)
+    assert (len(balanced), _digest(balanced["id"])) == AUTHORS_DEEPMATH_PARTIAL["balanced"]
+    split = balanced.train_test_split(test_size=min(len(balanced), 500), seed=42)
+    train = split["train"]
+    if min(len(train), 5000) < len(train):
+        train = train.train_test_split(test_size=5000, seed=42)["test"]
+    got = recipe_split("deepmath", "deepmath")
+    assert [p.id for p in got.train] == list(train["id"])
+    assert [p.id for p in got.holdout] == list(split["test"]["id"])
+    assert all("r1_solution_1" not in p.meta and p.meta["difficulty"] >= 7 for p in got.train)
+
+
+def test_deepmath_balancing_on_the_real_sample(named):
+    """The authors' answer-type balancing on the 1570 difficulty >= 7 rows: yes/no answers go from 575 to 52
+    (int(1045 · 0.05) after the per-difficulty pass kept 76 of them in 1045 rows); the other types keep at most
+    their sqrt-smoothed quota."""
+    hard = [p for p in named["deepmath_partial"] if float(p.meta["difficulty"]) >= 7]
+    before = Counter(answer_type(p.answer) for p in hard)
+    assert before == {"yes_no": 575, "other": 489, "numeric": 422, "multiple_choice": 43, "interval_set": 29,
+                      "text_answer": 9, "numeric_with_unit": 3}
+    order = balance_by_answer_type([float(p.meta["difficulty"]) for p in hard], [p.answer for p in hard], seed=42)
+    assert len(set(order)) == len(order)
+    after = Counter(answer_type(hard[i].answer) for i in order)
+    assert after == {"other": 467, "numeric": 418, "yes_no": 52, "multiple_choice": 43, "interval_set": 29,
+                     "text_answer": 9, "numeric_with_unit": 3}
+    assert (len(order), _digest(hard[i].id for i in order)) == AUTHORS_DEEPMATH_PARTIAL["balanced"]
+    train, holdout = recipe_split("deepmath_partial", "deepmath")  # the local-file path selects the same rows
+    assert (len(train), _digest(p.id for p in train)) == AUTHORS_DEEPMATH_PARTIAL["train"]
+    assert (len(holdout), _digest(p.id for p in holdout)) == AUTHORS_DEEPMATH_PARTIAL["holdout"]
+
+
+@pytest.mark.parametrize(("answer", "kind"), [
+    (None, "empty"), ("", "empty"), (" Yes ", "yes_no"), ("FALSE", "yes_no"), ("B", "multiple_choice"),
+    ("(c)", "multiple_choice"), ("-12", "numeric"), ("3.50", "numeric"), ("7/8", "numeric"), ("12.5%", "percentage"),
+    ("3 cm", "numeric_with_unit"), ("2√3", "mathematical_symbol"), ("[0, \\infty)", "interval_set"),
+    ("(1,2)", "interval_set"), ("two words", "other"), ("a b c d e f", "text_answer"),
+    ("\\frac{1}{2}", "other"), ("25\\%", "other"), ("   ", "other"),
+])
+def test_answer_types_follow_the_authors_rules(answer, kind):
+    assert answer_type(answer) == kind
+
+
+def test_balancing_edge_cases():
+    assert balance_by_answer_type([], []) == []
+    assert balance_by_answer_type([7.0, 7.0], ["yes", "no"]) == []  # no other type: the yes/no quota is 0
+    assert balance_by_answer_type([7.0], [""]) == []
+    with pytest.raises(ValueError):
+        balance_by_answer_type([7.0], [])
+
+
+def test_recipe_split_errors_and_no_recipe(tmp_path):
+    with pytest.raises(DatasetError, match="unknown recipe 'nope'"):
+        recipe_split("deepmath_partial", "nope")
+    ok = json.dumps({"problem": "p", "answer": "1", "difficulty": "8"})
+    path = _write_jsonl(tmp_path / "t.jsonl", [ok, json.dumps({"problem": "p", "answer": "1", "difficulty": "hard"})])
+    with pytest.raises(DatasetError, match=r"t\.jsonl line 2: field 'difficulty' is not numeric: 'hard'"):
+        recipe_split(path, "deepmath")
+    path = tmp_path / "n.json"
+    path.write_text(json.dumps([json.loads(ok), {"problem": "p", "answer": "1", "difficulty": None}]), encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"n\.json index 1: field 'difficulty' must be a number, got None"):
+        recipe_split(path, "deepmath")
+    path = _write_jsonl(tmp_path / "u.jsonl", [json.dumps({"problem": "p", "answer": "1", "difficulty": 3}),
+                                               json.dumps({"problem": "p", "answer": "2"})])
+    with pytest.raises(DatasetError, match=r"u\.jsonl: no rows with difficulty >= 7(\.0)? among 2"):
+        recipe_split(path, "deepmath")
+    everything = recipe_split("aime24", None)
+    assert (len(everything.train), everything.holdout) == (30, [])
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -265,8 +477,13 @@ def test_render_and_encode_with_tiny_tokenizer(tiny_model_dir):
     ids = encode_prompt(tokenizer, problem)
     assert ids == tokenizer(rendered)["input_ids"] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == rendered
-    # An unused template variable (Qwen3's enable_thinking) must not crash a template that ignores it.
-    assert render_prompt(tokenizer, problem, chat_template_kwargs={"enable_thinking": False}) == rendered
+    # Qwen3's template (the tiny model carries it): enable_thinking=False closes an empty think block.
+    non_thinking = render_prompt(tokenizer, problem, chat_template_kwargs={"enable_thinking": False})
+    assert non_thinking == rendered + "<think>\n\n</think>\n\n"
+    assert tokenizer.decode(encode_prompt(tokenizer, problem, chat_template_kwargs={"enable_thinking": False})) \
+        == non_thinking
+    # A variable the template does not use is ignored rather than an error.
+    assert render_prompt(tokenizer, problem, chat_template_kwargs={"no_such_variable": 1}) == rendered
     with_system = render_prompt(tokenizer, problem, system="sys")
     assert with_system.startswith("<|im_start|>system\nsys<|im_end|>\n") and with_system.endswith(rendered)
     with pytest.raises(TemplateError, match="placeholder"):

@@ -246,3 +246,171 @@ def test_closed_pool_refuses_work():
     reward_pool.close()
     with pytest.raises(RuntimeError):
         reward_pool.score(["\\boxed{1}"], ["1"])
+
+
+# --- per-dataset graders (the authors' DeepScaleR / DeepMath rules) and the registry -------------------------------
+
+from p2o_hpc.reward.dataset_graders import deepmath_reward, deepscaler_reward, plain_number  # noqa: E402
+from p2o_hpc.reward.registry import REWARDS, format_ok, resolve_reward  # noqa: E402
+
+
+def _real_gold(dataset: str, key: int | str) -> str:
+    """A gold answer as stored in shared/data: DeepScaleR MATH by math.json index, DeepMath by its id."""
+    root = shared_data_dir() / "train"
+    if dataset == "deepscaler":
+        return json.loads((root / "deepscaler_partial" / "math.json").read_text())[key]["answer"]
+    for line in (root / "deepmath_partial" / "math_deepmath_deal.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["id"] == key:
+            return row["ground_truth"]
+    raise KeyError(key)
+
+
+# (dataset, row, gold as stored, final answer, strict, deepscaler, deepmath), checked by hand against the authors'
+# graders (verl/utils/reward_score/deepscaler.py:compute_score, deepmath.py:compute_score).
+REAL_ROW_TABLE = [
+    # percentages: math-verify cannot parse \% (only the identical string matches)
+    ("deepscaler", 992, "17\\%", "17\\%", 1, 1, 1),
+    ("deepscaler", 992, "17\\%", "17", 0, 1, 1),  # both of the authors' graders drop \%
+    ("deepscaler", 992, "17\\%", "17 \\%", 0, 1, 1),
+    ("deepscaler", 992, "17\\%", "17%", 0, 1, 1),
+    ("deepscaler", 992, "17\\%", "0.17", 0, 0, 1),  # OMI's include_percentage: gold/100
+    ("deepscaler", 992, "17\\%", "\\frac{17}{100}", 0, 0, 0),  # a LaTeX fraction is no plain number for OMI
+    ("deepscaler", 992, "17\\%", "18\\%", 0, 0, 0),
+    ("deepscaler", 992, "17\\%", "0.18", 0, 0, 0),
+    ("deepscaler", 1011, "20 \\%", "20\\%", 0, 1, 1),
+    ("deepscaler", 6432, "237.5\\%", "237.5", 0, 1, 1),
+    ("deepscaler", 6432, "237.5\\%", "2.375", 0, 0, 1),
+    ("deepscaler", 6432, "237.5\\%", "\\frac{475}{2}\\%", 0, 1, 1),  # % dropped, then math-verify
+    ("deepmath", "3049", "25\\%", "25", 0, 1, 1),
+    ("deepmath", "3049", "25\\%", "0.25", 0, 0, 1),
+    ("deepmath", "3049", "25\\%", "0.24", 0, 0, 0),
+    ("deepmath", "4829", "70.37\\%", "0.7037", 0, 0, 1),
+    ("deepmath", "4829", "70.37\\%", "70.37", 0, 1, 1),
+    ("deepmath", "4930", "20\\%", "20\\%", 1, 1, 1),
+    # intervals: an inequality with exactly the gold solution set is right for DeepMath only (math-verify's
+    # allow_set_relation_comp, which the authors' verify_ray call switches on)
+    ("deepmath", "1689", "(2, \\infty)", "x > 2", 0, 0, 1),
+    ("deepmath", "1689", "(2, \\infty)", "x \\geq 2", 0, 0, 0),
+    ("deepmath", "1689", "(2, \\infty)", "x < 2", 0, 0, 0),
+    ("deepmath", "1689", "(2, \\infty)", "(2, \\infty)", 1, 1, 1),
+    ("deepmath", "1689", "(2, \\infty)", "x \\in (2, \\infty)", 1, 1, 1),  # math-verify already accepts this
+    ("deepmath", "2351", "[0, \\infty)", "x \\ge 0", 0, 0, 1),
+    ("deepmath", "3663", "[1, +\\infty)", "x \\geq 1", 0, 0, 1),
+    ("deepmath", "3753", "(-\\infty, 0]", "x \\leq 0", 0, 0, 1),
+    ("deepmath", "3753", "(-\\infty, 0]", "x < 0", 0, 0, 0),
+    ("deepmath", "2876", "[-7, 3)", "-7 \\le x < 3", 0, 0, 1),  # two-sided
+    ("deepmath", "2876", "[-7, 3)", "-7 < x < 3", 0, 0, 0),
+    ("deepmath", "964", "(-8, 15]", "-8 < x \\leq 15", 0, 0, 1),
+    ("deepmath", "4385", "[\\ln 2, \\ln 3]", "\\ln 2 \\le x \\le \\ln 3", 0, 0, 1),
+    ("deepscaler", 1050, "[2,\\infty)", "x \\geq 2", 0, 0, 1),  # the authors' DeepScaleR grader rejects it
+    ("deepscaler", 7040, "\\left[ 0, \\frac{9}{8} \\right]", "0 \\le y \\le \\frac{9}{8}", 0, 0, 1),
+]
+
+
+@pytest.fixture(scope="module")
+def dataset_pools():
+    with RewardPool(1, grader=deepscaler_reward) as scaler, RewardPool(1, grader=deepmath_reward) as math:
+        yield scaler, math
+
+
+def test_dataset_graders_on_real_rows(pool, dataset_pools):
+    """Percentage and interval equivalences, graded in the spawned workers the trainer uses."""
+    for dataset, key, gold, _, *_ in REAL_ROW_TABLE:
+        assert _real_gold(dataset, key) == gold, (dataset, key)
+    responses = [boxed(answer) for *_, answer, _, _, _ in REAL_ROW_TABLE]
+    golds = [row[2] for row in REAL_ROW_TABLE]
+    got = list(zip(pool.score(responses, golds), *(p.score(responses, golds) for p in dataset_pools)))
+    expected = [tuple(float(x) for x in row[4:]) for row in REAL_ROW_TABLE]
+    wrong = [(row[2], row[3], g, e) for row, g, e in zip(REAL_ROW_TABLE, got, expected) if g != e]
+    assert not wrong, wrong
+
+
+def test_authors_numeric_rule_quirks_are_kept_and_bounded():
+    # deepmath.py:math_equal compares plain numbers against g/100, g, 100·g within rel. 1e-4, percent sign or not
+    assert deepmath_reward(boxed("100"), "1") == 1.0 and deepscaler_reward(boxed("100"), "1") == 0.0
+    assert deepmath_reward(boxed("3.1416"), "3.14159") == 1.0 and deepscaler_reward(boxed("3.1416"), "3.14159") == 0.0
+    assert deepmath_reward(boxed("3.15"), "3.14159") == 0.0
+    # ... but not OMI's comma bug (is_digit drops every comma): a list is no number
+    assert deepmath_reward(boxed("1,2"), "12") == 0.0
+    assert deepmath_reward(boxed("12,000"), "12000") == 1.0
+    assert deepmath_reward(boxed("9" * 5000), "1") == 0.0  # over MAX_BOXED_CHARS
+    assert deepmath_reward(boxed("1e2"), "100") == 0.0  # float() syntax is no plain number
+    assert [plain_number(t) for t in ("inf", "nan", "1_000", "\\frac{1}{2}", "-.5\\%", "\\$1{,}234.5")] == [
+        None, None, None, None, -0.5, 1234.5]
+
+
+ONE_BOX_TABLE = [  # (response, gold, deepscaler, deepmath): DeepMath's reward demands exactly one \boxed
+    ("So the answer is \\boxed{25\\%}.", "25\\%", 1, 1),
+    ("First guess \\boxed{20\\%}, no: \\boxed{25\\%}.", "25\\%", 1, 0),  # last box right, but two boxes
+    ("\\boxed{25\\%} and again \\boxed{25\\%}", "25\\%", 1, 0),
+    ("I put the answer in \\boxed, here: \\boxed{25}", "25\\%", 1, 0),  # the word counts, as count("\\boxed")
+    ("$\\boxed{\\boxed{x > 2}}$", "(2, \\infty)", 0, 0),
+    ("The answer is 25\\%.", "25\\%", 0, 0),
+    ("\\boxed{25\\%", "25\\%", 0, 0),
+    ("\\boxed {x > 2}", "(2, \\infty)", 0, 1),
+    ("\\fbox{25}", "25\\%", 0, 0),
+]
+
+
+@pytest.mark.parametrize(("response", "gold", "scaler", "math"), ONE_BOX_TABLE)
+def test_deepmath_one_box_rule(response, gold, scaler, math):
+    assert (deepscaler_reward(response, gold), deepmath_reward(response, gold)) == (scaler, math)
+
+
+@pytest.mark.parametrize("grader", [deepscaler_reward, deepmath_reward])
+def test_dataset_graders_never_raise(grader):
+    for response, gold in [(None, "1"), ("\\boxed{1}", None), (3, 3), ("\\boxed{1}", ""), ("\\boxed{}", "1"),
+                           ("\\boxed{%}", "5\\%"), ("\\boxed{\\%}", "5\\%"), ("\\boxed{x>}", "(2,\\infty)"),
+                           ("\\boxed{3\ud800}", "3"), ("\\boxed{" + "\\frac{" * 300 + "}", "1")]:
+        assert grader(response, gold) == 0.0, (response, gold)
+
+
+FORMAT_TABLE = [  # (response, math_verify / deepscaler, deepmath)
+    ("\\boxed{3}", True, True),
+    ("\\boxed{2} no, \\boxed{3}", True, False),
+    ("the box \\boxed then \\boxed{3}", True, False),
+    ("\\boxed{3", False, False),
+    ("\\boxed{3} and \\boxed{4", False, False),
+    ("\\boxed{}", False, False),
+    ("\\boxed{" + "1" * (MAX_BOXED_CHARS + 1) + "}", False, False),
+    ("no box: 3", False, False),
+    ("\\fbox{3}", False, False),
+]
+
+
+@pytest.mark.parametrize(("response", "last_box", "one_box"), FORMAT_TABLE)
+def test_format_ok(response, last_box, one_box):
+    assert format_ok("math_verify", response) is last_box
+    assert format_ok("deepscaler", response) is last_box
+    assert format_ok("deepmath", response) is one_box
+    assert format_ok("early_substring", response) is True
+    assert format_ok("tests.test_reward:faulty_grader", response) is True
+
+
+def test_format_ok_agrees_with_the_graders_and_names_unknown_rewards():
+    # No reward without the format; the format alone earns nothing.
+    for response, *_ in FORMAT_TABLE + [(r, 0, 0) for r, *_ in ONE_BOX_TABLE]:
+        if not format_ok("deepmath", response):
+            assert deepmath_reward(response, "3") == 0.0
+        if not format_ok("deepscaler", response):
+            assert deepscaler_reward(response, "3") == 0.0 and strict_boxed_reward(response, "3") == 0.0
+    assert format_ok("deepmath", None) is False
+    with pytest.raises(KeyError, match="unknown reward 'nope'"):
+        format_ok("nope", "\\boxed{3}")
+
+
+def test_registry_names_and_rollout_worker_reexport():
+    from p2o_hpc.rollout import rollout_worker
+
+    assert rollout_worker.REWARDS is REWARDS and rollout_worker.resolve_reward is resolve_reward
+    assert resolve_reward("deepscaler") is deepscaler_reward
+    assert resolve_reward("deepmath") is deepmath_reward
+    assert resolve_reward("math_verify") is strict_boxed_reward
+    assert resolve_reward(f"{faulty_grader.__module__}:faulty_grader") is faulty_grader
+    for name in REWARDS:
+        pickle.dumps(resolve_reward(name))  # RewardPool ships graders to spawned workers by reference
+    with pytest.raises(KeyError, match="unknown reward"):
+        resolve_reward("nope")
+    with pytest.raises(KeyError, match="cannot import"):
+        resolve_reward("p2o_hpc.reward.dataset_graders:nope")

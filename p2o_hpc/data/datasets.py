@@ -34,6 +34,9 @@ _META_DROP = frozenset(
      "case_type", "r1_solution_1", "r1_solution_2", "r1_solution_3"}
 )
 
+# Columns an hf: dataset drops before its rows are read (never used; DeepMath-103K's R1 traces are gigabytes).
+_BULKY_COLUMNS = frozenset({"messages", "r1_solution_1", "r1_solution_2", "r1_solution_3"})
+
 # Local copies under shared_data_dir(); a list is concatenated in order.
 DATASETS: dict[str, str | tuple[str, ...]] = {
     "math500": "benchmarks/math500/test.jsonl",
@@ -46,7 +49,7 @@ DATASETS: dict[str, str | tuple[str, ...]] = {
     "deepmath_partial": "train/deepmath_partial/math_deepmath_deal.jsonl",
 }
 
-# Full training/eval sets by Hugging Face name, for machines with a network and `datasets` installed.
+# Full training/eval sets by Hugging Face name, for machines with a network.
 HF_DATASETS: dict[str, str] = {
     "deepscaler": "hf:agentica-org/DeepScaleR-Preview-Dataset",
     "deepmath": "hf:zwhe99/DeepMath-103K",
@@ -167,18 +170,26 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 raise DatasetError(f"{path} line {lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
 
 
-def _hf_rows(name: str, split: str) -> Iterator[tuple[int, Any]]:
+def _import_datasets(purpose: str) -> Any:
+    """The Hugging Face `datasets` module, imported on first use (it takes over a second, and `import p2o_hpc.data`
+    stays light); a declared dependency, so a failure here is a broken install, said with what needed it."""
     try:
-        import datasets  # lazy: heavy, and absent on machines that only use the local copies
+        import datasets
     except ImportError as exc:
-        raise DatasetError(
-            f"loading hf:{name} needs the Hugging Face `datasets` package (pip install datasets); "
-            "or use a local .json/.jsonl copy"
-        ) from exc
+        raise DatasetError(f"{purpose} needs the Hugging Face `datasets` package (pip install datasets)") from exc
+    return datasets
+
+
+def _hf_rows(name: str, split: str) -> Iterator[tuple[int, Any]]:
+    datasets = _import_datasets(f"loading hf:{name}")
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as exc:  # network, unknown name, unknown split: say which dataset
         raise DatasetError(f"could not load hf:{name} split {split!r}: {exc}") from exc
+    columns = getattr(dataset, "column_names", None) or []
+    bulky = [c for c in columns if c in _BULKY_COLUMNS or (c == "solution" and any(f in columns for f in ANSWER_FIELDS))]
+    if bulky:  # DeepMath's three R1 traces are most of its bytes; never turned into Python objects
+        dataset = dataset.remove_columns(bulky)
     return iter(enumerate(dataset))
 
 
@@ -288,45 +299,252 @@ def last_boxed(text: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- recipes
+#
+# The authors' subsets (P2O repo, scripts/data_process/):
+#   DeepScaleR  deepscaler.py:__main__       load → shuffle(seed=42) → train_test_split(test_size=500, seed=42)
+#                                            → train.train_test_split(test_size=5000, seed=42)["test"] = train_5000
+#   DeepMath    DeepMath-103K.py:__main__    load → filter(difficulty >= 7) → balance_dataset_by_answer_type(seed=42)
+#               + split_and_save             → train_test_split(test_size=min(n, 500), seed=42) (no shuffle first)
+#                                            → train.train_test_split(test_size=min(n, 5000), seed=42)["test"]
+#   (the paper trains on deepmath/baseline_boxed/very_hard_le_7/balanced/train_5000.parquet and
+#   deepscaler/baseline_boxed/train_5000.parquet: README.md and my_scripts/*.sh there).
+# `datasets`' shuffle / train_test_split depend only on the row count and the seed, so authors_split makes those calls
+# on a table of row positions, and recipe_split, the one selection path, maps the positions back onto the rows.
 
 
-def deepscaler_recipe(
-    problems: Sequence[Problem], *, seed: int = 42, holdout: int = 500, take: int = 5000
-) -> RecipeSplit:
-    """The paper's DeepScaleR subset: shuffle with random.Random(seed), first `holdout` held out, next `take` train.
+def authors_split(
+    num_rows: int, *, seed: int = 42, holdout: int = 500, take: int = 5000, shuffle_first: bool
+) -> tuple[list[int], list[int]]:
+    """(train positions, holdout positions) of a num_rows table, as the authors' `datasets` calls select them.
 
-    Returns RecipeSplit(train, holdout). On the partial local copy train is smaller than `take`; an empty
-    train split is an error.
+    shuffle_first: DeepScaleR's extra `Dataset.shuffle(seed)` before the first split (DeepMath has none).
+    Sizes are capped as DeepMath-103K.py:split_and_save caps them: holdout min(n, holdout) (all rows held out when
+    that is every row), train subset min(len(train), take) (the whole train split, in its order, when not fewer).
+    holdout=0 skips the first split (`datasets` refuses test_size=0).
     """
-    if holdout < 0 or take < 1:
+    if num_rows < 0 or holdout < 0 or take < 1:
         raise DatasetError(f"recipe needs holdout >= 0 and take >= 1, got holdout={holdout}, take={take}")
-    rows = list(problems)
-    random.Random(seed).shuffle(rows)
-    held, train = rows[:holdout], rows[holdout:holdout + take]
+    datasets = _import_datasets("recipe selection")
+    table = datasets.Dataset.from_dict({"row": list(range(num_rows))})
+    if shuffle_first:
+        table = table.shuffle(seed=seed)
+    test_size = min(num_rows, holdout)
+    if test_size == 0:
+        train, held = table, table.select([])
+    elif test_size < num_rows:
+        parts = table.train_test_split(test_size=test_size, seed=seed)
+        train, held = parts["train"], parts["test"]
+    else:
+        train, held = table.select([]), table
+    take_n = min(len(train), take)
+    if take_n < len(train):
+        train = train.train_test_split(test_size=take_n, seed=seed)["test"]
+    return [int(i) for i in train["row"]], [int(i) for i in held["row"]]
+
+
+# DeepMath-103K.py:classify_answer_type, in order: the first rule that matches names the type. Answers are stripped
+# first; "empty" is None or "" before stripping.
+_ANSWER_TYPE_RULES: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("yes_no", lambda a: a.lower() in ("yes", "no", "true", "false")),
+    ("multiple_choice", lambda a: re.fullmatch(r"[A-Za-z]|\([A-Za-z]\)", a) is not None),
+    ("numeric", lambda a: re.fullmatch(r"-?\d+(?:\.\d+|/\d+)?", a) is not None),
+    ("percentage", lambda a: re.fullmatch(r"-?\d+\.?\d*%", a) is not None),
+    ("numeric_with_unit", lambda a: re.fullmatch(r"-?\d+\.?\d*\s*[a-zA-Z]+", a) is not None),
+    ("mathematical_symbol", lambda a: any(symbol in a for symbol in "√π∞∑∫")),
+    ("interval_set", lambda a: re.fullmatch(r"[\[(]-?.*,.*[\])]", a) is not None),
+    ("coordinate_vector", lambda a: re.fullmatch(r"\(-?\d+\.?\d*,-?\d+\.?\d*(?:,-?\d+\.?\d*)?\)", a) is not None),
+    ("text_answer", lambda a: len(a.split()) > 5),
+)
+
+
+def answer_type(answer: Any) -> str:
+    """The authors' answer type (DeepMath-103K.py:classify_answer_type): yes_no, multiple_choice, numeric, ...,
+    "other"; "empty" for None or ""."""
+    if answer is None or answer == "":
+        return "empty"
+    text = str(answer).strip()
+    return next((name for name, rule in _ANSWER_TYPE_RULES if rule(text)), "other")
+
+
+def balance_by_answer_type(
+    difficulties: Sequence[float],
+    answers: Sequence[Any],
+    *,
+    seed: int = 42,
+    yes_no_ratio: float = 0.05,
+    smoothing_power: float = 0.5,
+) -> list[int]:
+    """Positions kept by the authors' answer-type balancing, in the order they leave it (DeepMath-103K.py:
+    balance_dataset_by_answer_type(ds, target_yes_no_ratio=0.05, smoothing_power=0.5, seed=42)).
+
+    One random.Random(seed) drives every draw, in the authors' order. Per difficulty (ascending): drop "empty"
+    answers; every other type t gets a quota int(n_t^p / Σ n^p · int(N·(1−r))) over the N answered rows, yes_no a
+    quota int(Σ other quotas · r/(1−r)) capped at n_yes_no; a type keeps all its rows when the quota reaches its
+    count, else random.sample(rows, quota). The kept positions are shuffled; if yes_no still exceeds r of them,
+    yes_no is cut to int(len·r) by random.sample, the survivors (others first) shuffled again.
+    """
+    if len(difficulties) != len(answers):
+        raise ValueError(f"{len(difficulties)} difficulties but {len(answers)} answers")
+    rng = random.Random(seed)
+    types = [answer_type(a) for a in answers]
+    by_difficulty: dict[float, list[int]] = {}
+    for position, difficulty in enumerate(difficulties):
+        by_difficulty.setdefault(difficulty, []).append(position)
+
+    kept: list[int] = []
+    for difficulty in sorted(by_difficulty):
+        positions = [i for i in by_difficulty[difficulty] if types[i] != "empty"]
+        if not positions:
+            continue
+        by_type: dict[str, list[int]] = {}  # types in order of first appearance, as the authors' Counter
+        for i in positions:
+            by_type.setdefault(types[i], []).append(i)
+        quotas: dict[str, int] = {}
+        others = {t: len(rows) for t, rows in by_type.items() if t != "yes_no"}
+        if others:
+            weights = {t: count**smoothing_power for t, count in others.items()}
+            total_weight = sum(weights.values())
+            other_target = int(len(positions) * (1 - yes_no_ratio))
+            quotas = {t: int(weight / total_weight * other_target) for t, weight in weights.items()}
+        if "yes_no" in by_type:
+            quotas["yes_no"] = min(len(by_type["yes_no"]), int(sum(quotas.values()) * yes_no_ratio / (1 - yes_no_ratio)))
+        for answer_kind, quota in quotas.items():
+            rows = by_type[answer_kind]
+            kept += rows if quota >= len(rows) else rng.sample(rows, quota)
+
+    rng.shuffle(kept)
+    yes_no = [j for j, i in enumerate(kept) if types[i] == "yes_no"]
+    if kept and len(yes_no) / len(kept) > yes_no_ratio:
+        cap = int(len(kept) * yes_no_ratio)
+        keep_yes_no = rng.sample(yes_no, cap) if len(yes_no) > cap else yes_no
+        final = [j for j, i in enumerate(kept) if types[i] != "yes_no"] + keep_yes_no
+        rng.shuffle(final)
+        kept = [kept[j] for j in final]
+    return kept
+
+
+def _recipe_result(train: list[Problem], held: list[Problem], num_rows: int, take: int) -> RecipeSplit:
     if not train:
-        raise DatasetError(f"recipe left no training rows: {len(rows)} problems, holdout {holdout}")
+        raise DatasetError(f"recipe left no training rows: {num_rows} rows, {len(held)} held out")
     if len(train) < take:
-        log.info("recipe: only %d training rows (asked for %d) from %d problems", len(train), take, len(rows))
+        log.info("recipe: only %d training rows (asked for %d) from %d rows", len(train), take, num_rows)
     return RecipeSplit(train, held)
 
 
-def deepmath_recipe(
-    problems: Sequence[Problem], *, min_difficulty: float = 7.0, seed: int = 42, holdout: int = 500, take: int = 5000
+RECIPES = ("deepscaler", "deepmath")
+
+
+def recipe_split(
+    source: str | Path,
+    recipe: str | None,
+    *,
+    seed: int = 42,
+    holdout: int = 500,
+    take: int = 5000,
+    min_difficulty: float = 7.0,
+    balance: bool = True,
+    split: str = "train",
 ) -> RecipeSplit:
-    """The paper's DeepMath subset: keep meta["difficulty"] >= min_difficulty (text like "4.5" or a number),
-    then the DeepScaleR split. A missing or non-numeric difficulty names the row."""
-    kept = [p for p in problems if difficulty_of(p) >= min_difficulty]
-    if not kept:
-        raise DatasetError(f"no problems with difficulty >= {min_difficulty} among {len(problems)}")
-    return deepscaler_recipe(kept, seed=seed, holdout=holdout, take=take)
+    """A training set's (train, holdout) as the authors select it, from a DATASETS / HF_DATASETS name, a local
+    .json/.jsonl path or "hf:owner/name"; the one place the paper's subsets are selected.
+
+    deepscaler: shuffle(seed), hold out `holdout`, take `take` (authors_split). deepmath: row["difficulty"] >=
+    min_difficulty (number or numeric text; missing counts as 0, as `x.get("difficulty", 0)`; null or non-numeric
+    is an error naming the file and row), then the answer-type balancing on the raw answer field
+    (balance_by_answer_type; balance=False skips it), then the split without a first shuffle. The selection runs
+    over the source's rows as the authors' scripts see them, unanswered rows included (DeepScaleR's MATH part has
+    4; they shift every permutation), and those rows are dropped (logged) only from the selected sets. An empty
+    train split is an error; fewer than `take` rows is logged. recipe=None: every answered row is train, nothing
+    held out.
+    """
+    if recipe is not None and recipe not in RECIPES:
+        raise DatasetError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)} or None")
+    raw = _source_rows(str(source), split)
+    if recipe is None:
+        train, held = list(range(len(raw))), []
+    elif recipe == "deepscaler":
+        train, held = authors_split(len(raw), seed=seed, holdout=holdout, take=take, shuffle_first=True)
+    else:
+        difficulties = [_raw_difficulty(r) for r in raw]
+        kept = [i for i, d in enumerate(difficulties) if d >= min_difficulty]
+        if not kept:
+            raise DatasetError(f"{source}: no rows with difficulty >= {min_difficulty} among {len(raw)}")
+        if balance:
+            answers = [_raw_answer(raw[i].row) for i in kept]
+            order = balance_by_answer_type([difficulties[i] for i in kept], answers, seed=seed)
+            kept = [kept[j] for j in order]
+        train, held = authors_split(len(kept), seed=seed, holdout=holdout, take=take, shuffle_first=False)
+        train, held = [kept[i] for i in train], [kept[i] for i in held]
+    train_problems = _raw_to_problems(raw, train)
+    held_problems = _raw_to_problems(raw, held)
+    return _recipe_result(train_problems, held_problems, len(raw), take if recipe else len(train_problems))
 
 
-def difficulty_of(problem: Problem) -> float:
-    """meta["difficulty"] as a float, or a DatasetError naming the problem."""
-    raw = problem.meta.get("difficulty")
-    if isinstance(raw, bool) or raw is None:
-        raise DatasetError(f"problem {problem.id!r} ({problem.source}) has no numeric difficulty: {raw!r}")
+class _RawRow(NamedTuple):
+    row: Any
+    where: str
+    default_id: str
+    label: str
+
+
+def _source_rows(source: str, split: str) -> list[_RawRow]:
+    """Every row of a named dataset, a local file or an hf: dataset, in load order, answered or not."""
+    if source in DATASETS:
+        entry = DATASETS[source]
+        root = shared_data_dir()
+        return [r for rel in ((entry,) if isinstance(entry, str) else entry)
+                for r in _source_rows_of(str(root / rel), split, label=source)]
+    if source in HF_DATASETS:
+        return _source_rows_of(HF_DATASETS[source], HF_SPLITS.get(source, split), label=source)
+    return _source_rows_of(source, split, label=source)
+
+
+def _source_rows_of(source: str, split: str, *, label: str) -> list[_RawRow]:
+    if source.startswith(HF_PREFIX):
+        rows = _hf_rows(source[len(HF_PREFIX):], split)
+        where = lambda pos: f"{source} (split {split!r}) row {pos}"  # noqa: E731
+        stem = source[len(HF_PREFIX):].rsplit("/", 1)[-1]
+    else:
+        path = Path(source)
+        rows = _file_rows(path)
+        unit = "line" if path.suffix == ".jsonl" else "index"
+        where = lambda pos: f"{path} {unit} {pos}"  # noqa: E731
+        stem = f"{path.parent.name}/{path.stem}" if path.stem in _GENERIC_STEMS and path.parent.name else path.stem
+    out = [_RawRow(row, where(position), f"{stem}:{index}", label) for index, (position, row) in enumerate(rows)]
+    if not out:
+        raise DatasetError(f"dataset {source} has no rows")
+    return out
+
+
+def _raw_answer(row: Any) -> Any:
+    """The row's answer field as stored (None when absent), for the authors' answer-type rules."""
+    if not isinstance(row, Mapping):
+        return None
+    field_name = next((f for f in ANSWER_FIELDS if f in row), None)
+    return row[field_name] if field_name else None
+
+
+def _raw_difficulty(raw: _RawRow) -> float:
+    value = raw.row.get("difficulty", 0) if isinstance(raw.row, Mapping) else 0
+    if value is None or isinstance(value, bool):
+        raise DatasetError(f"{raw.where}: field 'difficulty' must be a number, got {value!r}")
     try:
-        return float(raw)
+        return float(value)
     except (TypeError, ValueError):
-        raise DatasetError(f"problem {problem.id!r} ({problem.source}) has a non-numeric difficulty: {raw!r}") from None
+        raise DatasetError(f"{raw.where}: field 'difficulty' is not numeric: {value!r}") from None
+
+
+def _raw_to_problems(raw: Sequence[_RawRow], positions: Iterable[int]) -> list[Problem]:
+    problems, skipped = [], []
+    for position in positions:
+        item = raw[position]
+        problem = _row_to_problem(item.row, item.where, default_id=item.default_id, label=item.label,
+                                  skip_unanswered=True)
+        if problem is None:
+            skipped.append(item.where)
+        else:
+            problems.append(problem)
+    if skipped:
+        log.warning("dropped %d selected row(s) with a null/empty answer: %s", len(skipped), "; ".join(skipped[:5]))
+    return problems
+
