@@ -210,6 +210,43 @@ def test_complete_many_bounded_ordered_and_isolates_failures(endpoint, key):
     assert m["reflection/prompt_tokens"] == 36 and m["reflection/completion_tokens"] == 18
 
 
+def test_chat_template_kwargs_travel_in_the_request_body(endpoint, key):
+    """vLLM reads `chat_template_kwargs` from the request body; an empty dict sends no such field."""
+    server = endpoint(lambda body: (200, {}, completion("ok")))
+    client_for(server.url, chat_template_kwargs={"enable_thinking": False}).complete("p")
+    client_for(server.url).complete("p")
+    with_kwargs, without = server.requests
+    assert with_kwargs["chat_template_kwargs"] == {"enable_thinking": False}
+    assert "chat_template_kwargs" not in without and "enable_thinking" not in without
+    assert with_kwargs["temperature"] == without["temperature"] == 0.6 and with_kwargs["max_tokens"] == 2048
+    cfg = ReflectionConfig(kind="self", chat_template_kwargs={"enable_thinking": False})
+    client = ReflectionClient.from_config(cfg, base_url=server.url, model="reference")
+    client.complete("p")
+    assert server.requests[-1]["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def test_presets_compose_with_the_papers_reflection_settings(monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from p2o_hpc.config import register_configs, to_run_config
+    from p2o_hpc.reflection.config import reflection_prompt_budget
+
+    monkeypatch.delenv("P2O_TEACHER_MODEL", raising=False)
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR.parent), version_base="1.3"):
+        own = to_run_config(compose("config", overrides=["reflection=self"]))
+        teacher = to_run_config(compose("config", overrides=["reflection=teacher"]))
+        smoke = to_run_config(compose("config", overrides=["reflection=self", "experiment=smoke"]))
+    assert own.reflection.chat_template_kwargs == own.data.chat_template_kwargs == {"enable_thinking": False}
+    assert teacher.reflection.chat_template_kwargs == {}
+    assert teacher.reflection.model == "moonshotai/Kimi-K2-Instruct-0905"
+    for cfg in (own, teacher):
+        assert (cfg.reflection.temperature, cfg.reflection.max_tokens) == (0.6, 2048)
+        assert reflection_prompt_budget(cfg.reflection) == 32768 - 2048  # the authors' ~30k
+    assert own.reflection.serve_max_model_len == 32768
+    assert reflection_prompt_budget(smoke.reflection) == 2048 - smoke.reflection.max_tokens  # the tiny model's
+
+
 @pytest.mark.parametrize("name", ["self", "teacher", "none"])
 def test_yaml_groups_match_the_dataclass(name):
     merged = OmegaConf.merge(OmegaConf.structured(ReflectionConfig), OmegaConf.load(CONF_DIR / f"{name}.yaml"))
@@ -223,21 +260,51 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+# Qwen3's non-thinking switch, for a tiny model whose chat template lacks it (the real server test below).
+NON_THINKING_CLAUSE = (
+    "{%- if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+)
+
+
 @pytest.mark.vllm
 def test_real_vllm_serve_reference_model(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
     monkeypatch.delenv(KEY_ENV, raising=False)
-    server = ReferenceServer(tiny_model_dir, log_dir=tmp_path, served_model_name="reference", start_timeout_s=300)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = "Rewrite this instruction: think step by step."
+    messages = [{"role": "user", "content": prompt}]
+    chat_template, extra_args = tokenizer.chat_template, []
+    if tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False):
+        chat_template += NON_THINKING_CLAUSE  # a template without Qwen3's switch: add it, and serve with it
+        (tmp_path / "chat_template.jinja").write_text(chat_template)
+        extra_args = ["--chat-template", str(tmp_path / "chat_template.jinja")]
+    server = ReferenceServer(tiny_model_dir, log_dir=tmp_path, served_model_name="reference", start_timeout_s=300,
+                             extra_args=extra_args)
     try:
         server.start()
         pgid, port = server.pgid, server.port
         assert server.base_url == f"http://127.0.0.1:{port}/v1"
         client = ReflectionClient(server.base_url, "reference", KEY_ENV, require_key=False,
                                   max_tokens=16, timeout_s=120, max_retries=1)
-        reply = client.complete("Rewrite this instruction: think step by step.")
+        reply = client.complete(prompt)
         assert isinstance(reply, str) and reply
         m = client.metrics()
         assert m["reflection/successes"] == 1 and m["reflection/prompt_tokens"] > 0
         assert 0 < m["reflection/completion_tokens"] <= 16
+        # `self` reflection as configured: vLLM renders the prompt in Qwen3's non-thinking form
+        cfg = ReflectionConfig(kind="self", api_key_env=KEY_ENV, max_tokens=16,
+                               chat_template_kwargs={"enable_thinking": False})
+        non_thinking = ReflectionClient.from_config(cfg, base_url=server.base_url, model="reference")
+        non_thinking.complete(prompt)
+        expected = tokenizer.apply_chat_template(messages, chat_template=chat_template, add_generation_prompt=True,
+                                                 tokenize=False, enable_thinking=False)
+        assert expected.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        rendered_tokens = non_thinking.metrics()["reflection/prompt_tokens"]
+        assert rendered_tokens == len(tokenizer.encode(expected, add_special_tokens=False))
+        assert rendered_tokens > m["reflection/prompt_tokens"]  # the plain request has no empty think block
     finally:
         server.stop()
     with pytest.raises(ProcessLookupError):

@@ -24,7 +24,7 @@ from p2o_hpc.gepa.reflection_prompt import FeedbackRecord, build_reflection_prom
 from p2o_hpc.gepa.selection import mean_scores, select_parents
 from p2o_hpc.io_utils import atomic_write_text
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the authors' disjoint dev/train split
 COUNTER_NAMES = (
     "iterations", "parent_steps", "skipped_perfect", "proposed", "failed", "invalid", "duplicate",
     "rejected", "accepted", "dropped_for_budget",
@@ -42,6 +42,7 @@ class HardItem:
 class Evaluation:
     score: float
     response: str
+    format_ok: bool = True  # the response keeps the reward's answer format (picks the reflection feedback)
 
 
 Evaluate = Callable[[str, list[HardItem]], list[Evaluation]]
@@ -51,13 +52,15 @@ Propose = Callable[[str], str]
 @dataclass
 class GEPASettings:
     min_hard: int = 100  # fewer hard samples than this: not worth a GEPA round, skip
-    dev_size: int = 300  # hard set <= dev_size: dev = train = the whole hard set (GEPA's "no valset" behaviour)
+    dev_size: int = 300  # dev = min(dev_size, n // 2) of the n hard samples, train = the rest (see split_hard_set)
     minibatch_size: int = 3  # B
-    num_parents: int = 16  # W
+    num_parents: int = 16  # W: at most W distinct parents per iteration, one mutation each
     parent_selection: str = "pareto_mean"
     max_metric_calls: int | None = None  # overrides `auto`
     auto: str = "heavy_4"
-    max_response_chars: int = 4000
+    # Tokens the reflection prompt may take (reflection context − reflection max_tokens); the minibatch's
+    # responses are fitted into it with the engine's tokenizer. None: responses are shown whole.
+    feedback_token_budget: int | None = None
     templates_per_sample: int = 6  # K templates assigned to each hard sample (the learner passes its K)
     seed: int = 0
 
@@ -127,8 +130,27 @@ class _State:
     last_error: str | None = None
 
 
+def split_hard_set(ids: Sequence[str], dev_size: int, seed: int) -> tuple[list[str], list[str]]:
+    """The authors' dev/train split (`_split_gepa_dataset` with an int dev_ratio, `_resolve_ratio_count`).
+
+    Shuffle, then dev = the first min(dev_size, n // 2) ids, train = all the others: half/half (dev the smaller
+    half when n is odd) below their threshold n < 1.5 · dev_size, where n // 2 < dev_size anyway, and
+    dev = dev_size once n ≥ 2 · dev_size. Dev keeps the hard set's order (they collect it from a set of indices),
+    train the shuffled order. The two never overlap; with n < 2 dev is empty.
+    """
+    order = list(range(len(ids)))
+    random.Random(seed).shuffle(order)
+    dev_positions = set(order[: min(dev_size, len(ids) // 2)])
+    dev = [ids[i] for i in sorted(dev_positions)]
+    train = [ids[i] for i in order if i not in dev_positions]
+    return dev, train
+
+
 class GEPAEngine:
-    def __init__(self, hard_items: Sequence[HardItem], evaluate: Evaluate, propose: Propose, settings: GEPASettings):
+    def __init__(self, hard_items: Sequence[HardItem], evaluate: Evaluate, propose: Propose, settings: GEPASettings,
+                 *, tokenizer=None):
+        """tokenizer: counts tokens to fit the reflection feedback (the policy's; the authors count with it for
+        every reflection model); None keeps every response whole."""
         self.items = list(hard_items)
         self.by_id = {item.id: item for item in self.items}
         if len(self.by_id) != len(self.items):
@@ -136,16 +158,13 @@ class GEPAEngine:
         if settings.dev_size < 1 or settings.minibatch_size < 1:
             raise ValueError("dev_size and minibatch_size must be >= 1")
         self.evaluate, self.propose, self.settings = evaluate, propose, settings
+        self.tokenizer = tokenizer
         self.state: _State | None = None
 
     # ----- setup ---------------------------------------------------------------------------------------------
 
     def split(self) -> tuple[list[str], list[str]]:
-        """Seeded shuffle; the first dev_size ids are dev, the rest train. Too few for both: train = dev."""
-        ids = [item.id for item in self.items]
-        random.Random(self.settings.seed).shuffle(ids)
-        dev, train = ids[: self.settings.dev_size], ids[self.settings.dev_size :]
-        return dev, (train or list(dev))
+        return split_hard_set([item.id for item in self.items], self.settings.dev_size, self.settings.seed)
 
     def budget_total(self, dev_size: int) -> int:
         if self.settings.max_metric_calls is not None:
@@ -237,12 +256,14 @@ class GEPAEngine:
             return True
 
         records = [
-            FeedbackRecord(self.by_id[i].question, e.response, self.by_id[i].ground_truth, e.score)
+            FeedbackRecord(self.by_id[i].question, e.response, self.by_id[i].ground_truth, e.score, e.format_ok)
             for i, e in zip(batch, parent_evals)
         ]
+        prompt = build_reflection_prompt(parent.template, records, tokenizer=self.tokenizer,
+                                         token_budget=s.feedback_token_budget)
         counters["proposed"] += 1
         try:
-            answer = self.propose(build_reflection_prompt(parent.template, records, s.max_response_chars))
+            answer = self.propose(prompt)
         except Exception as exc:  # a flaky reflection LLM must not kill a long run
             counters["failed"] += 1
             st.last_error = f"{type(exc).__name__}: {exc}"
@@ -269,7 +290,7 @@ class GEPAEngine:
     def run(self, state_path: str | Path | None = None) -> GEPAResult:
         """Run to the end of the budget, resuming from `state_path` if it exists; checkpoint after each step."""
         s = self.settings
-        if len(self.items) < s.min_hard:
+        if len(self.items) < max(s.min_hard, 2):  # 2: the smallest hard set with a dev item
             return GEPAResult([], [], [], {}, 0, 0, dict.fromkeys(COUNTER_NAMES, 0), skipped=True)
         if state_path is not None and Path(state_path).exists():
             self.load_state(state_path)

@@ -31,29 +31,52 @@ def read_hard_set(run_dir: str | Path, epoch: int) -> list[HardItem]:
 
 
 class PolicyEvaluator:
-    """evaluate(template, items): one rollout per item under the template, graded by the run's reward.
+    """evaluate(template, items): one rollout per item under the template at `eval_temperature` (0: greedy, the
+    authors' val_kwargs.do_sample=False), graded by the run's reward; `scores_k` samples at `temperature`.
 
     The seed depends on the template only, so re-evaluating a template on an item (a restarted service) samples
-    the same response. A template the checks reject scores 0 everywhere without reaching the model.
+    the same response. A template the checks reject scores 0 everywhere without reaching the model. `reward`
+    (the run's data.reward) tells the reflection feedback whether a response broke the answer format.
     """
 
-    def __init__(self, worker, *, temperature: float, max_tokens: int, seed: int):
+    def __init__(self, worker, *, temperature: float, max_tokens: int, seed: int, eval_temperature: float = 0.0,
+                 reward: str | None = None):
         self.worker, self.temperature, self.max_tokens, self.seed = worker, temperature, max_tokens, seed
+        self.eval_temperature, self.reward = eval_temperature, reward
+
+    @classmethod
+    def from_config(cls, cfg, worker) -> "PolicyEvaluator":
+        """The run's evaluator (RunConfig `cfg`): GEPA scores at gepa.eval_temperature, pass@k at
+        rollout.temperature, responses up to gepa.max_response_tokens (null → rollout.max_response_tokens)."""
+        return cls(worker, temperature=cfg.rollout.temperature, eval_temperature=cfg.gepa.eval_temperature,
+                   seed=cfg.gepa.seed, max_tokens=cfg.gepa.max_response_tokens or cfg.rollout.max_response_tokens,
+                   reward=cfg.data.reward)
+
+    @property
+    def tokenizer(self):
+        return self.worker.tokenizer
 
     def __call__(self, template: str, items: list[HardItem]) -> list[Evaluation]:
-        rollouts = self._rollouts(template, items, 1, seed_offset=0)
+        rollouts = self._rollouts(template, items, 1, self.eval_temperature, seed_offset=0)
         if rollouts is None:
             return [Evaluation(0.0, "") for _ in items]
-        return [Evaluation(rollout.reward, rollout.text) for rollout in rollouts]
+        return [Evaluation(rollout.reward, rollout.text, self._format_ok(rollout.text)) for rollout in rollouts]
 
     def scores_k(self, template: str, items: list[HardItem], k: int) -> list[list[float]]:
-        """k rollouts per item under the template (for pass@1 / pass@k; not part of GEPA's budget)."""
-        rollouts = self._rollouts(template, items, k, seed_offset=7919)
+        """k rollouts per item under the template at rollout.temperature (pass@1 / pass@k; outside the budget)."""
+        rollouts = self._rollouts(template, items, k, self.temperature, seed_offset=7919)
         if rollouts is None:
             return [[0.0] * k for _ in items]
         return [[rollout.reward for rollout in rollouts[i * k : (i + 1) * k]] for i in range(len(items))]
 
-    def _rollouts(self, template: str, items: list[HardItem], k: int, *, seed_offset: int):
+    def _format_ok(self, response: str) -> bool:
+        if self.reward is None:
+            return True
+        from p2o_hpc.reward.registry import format_ok
+
+        return format_ok(self.reward, response)
+
+    def _rollouts(self, template: str, items: list[HardItem], k: int, temperature: float, *, seed_offset: int):
         """k graded rollouts per item, prompt-major; None when the template is rejected (it never runs)."""
         from p2o_hpc.rollout.generator import SamplingSettings
 
@@ -61,7 +84,7 @@ class PolicyEvaluator:
         templates, rejected = self.worker.checked_templates([[template] * k for _ in items])
         if rejected:
             return None
-        sampling = SamplingSettings(n=k, temperature=self.temperature, top_p=1.0, max_tokens=self.max_tokens,
+        sampling = SamplingSettings(n=k, temperature=temperature, top_p=1.0, max_tokens=self.max_tokens,
                                     seed=self.seed + seed_offset + zlib.crc32(template.encode()), logprobs=False)
         rollouts = self.worker.generate(problems, 0, sampling, templates if template else None)
         self.worker.score(rollouts, [problems[rollout.prompt_index].answer for rollout in rollouts])
@@ -83,13 +106,25 @@ def pass_at_k_metrics(evaluate: PolicyEvaluator, items: list[HardItem], document
     return metrics
 
 
-def gepa_settings(gepa_cfg, k: int) -> GEPASettings:
+def gepa_settings(gepa_cfg, k: int, reflection_cfg=None) -> GEPASettings:
+    """GEPASettings from gepa.* (k: the learner's K); with the reflection config, the feedback is fitted into the
+    reflection model's context (reflection_prompt_budget)."""
+    from p2o_hpc.reflection.config import reflection_prompt_budget
+
     return GEPASettings(
         min_hard=gepa_cfg.min_hard, dev_size=gepa_cfg.dev_size, minibatch_size=gepa_cfg.minibatch_size,
         num_parents=gepa_cfg.num_parents, parent_selection=gepa_cfg.parent_selection,
-        max_metric_calls=gepa_cfg.max_metric_calls, auto=gepa_cfg.auto,
-        max_response_chars=gepa_cfg.max_response_chars, templates_per_sample=k, seed=gepa_cfg.seed,
+        max_metric_calls=gepa_cfg.max_metric_calls, auto=gepa_cfg.auto, templates_per_sample=k, seed=gepa_cfg.seed,
+        feedback_token_budget=None if reflection_cfg is None else reflection_prompt_budget(reflection_cfg),
     )
+
+
+def configured_round(cfg, run_dir: str | Path, epoch: int, worker, reflection: "Reflection") -> dict:
+    """One round as the run's config (RunConfig `cfg`) says, on `worker`'s engine: the GEPA service's and the
+    learner's inline round."""
+    evaluate = PolicyEvaluator.from_config(cfg, worker)
+    return run_round(run_dir, epoch, gepa_settings(cfg.gepa, cfg.algorithm.n_samples, cfg.reflection), evaluate,
+                     reflection.propose, extra_metrics=reflection.client.metrics, pass_at_k=cfg.gepa.eval_pass_at_k)
 
 
 def round_metrics(document: dict) -> dict:
@@ -115,16 +150,18 @@ def round_metrics(document: dict) -> dict:
 
 
 def run_round(run_dir: str | Path, epoch: int, settings: GEPASettings, evaluate, propose,
-              extra_metrics=dict, pass_at_k: bool = True) -> dict:
+              extra_metrics=dict, pass_at_k: bool = True, tokenizer=None) -> dict:
     """Evolve templates for epoch `epoch`'s hard set (resuming its saved state), publish them, return metrics.
 
     extra_metrics(): more numbers to publish with the round (the reflection client's requests, tokens, cost).
     pass_at_k: also measure pass@1/pass@K on dev with and without the best template (2·K·|dev| extra rollouts).
+    tokenizer: counts the reflection feedback's tokens; None → the evaluator's (the policy's) tokenizer.
     """
     if templates_done(run_dir, epoch):
         return json.loads(templates_path(run_dir, epoch).read_text())["metrics"]
     items = read_hard_set(run_dir, epoch)
-    engine = GEPAEngine(items, evaluate, propose, settings)
+    tokenizer = tokenizer or getattr(evaluate, "tokenizer", None)
+    engine = GEPAEngine(items, evaluate, propose, settings, tokenizer=tokenizer)
     document = engine.run(epoch_dir(run_dir, epoch) / "gepa_state.json").to_json()
     document["epoch"] = epoch
     document["metrics"] = round_metrics(document)

@@ -40,7 +40,7 @@ def finished(run_dir: Path) -> bool:
 
 def serve(run_dir: Path, console: Console, *, max_rounds: int | None = None) -> int:
     """Process epochs until the learner finishes (or `max_rounds` rounds ran); returns the rounds run."""
-    from p2o_hpc.gepa.runner import PolicyEvaluator, Reflection, gepa_settings, run_round
+    from p2o_hpc.gepa.runner import Reflection, configured_round
     from p2o_hpc.launch import resolve_model_dir
     from p2o_hpc.rollout.rollout_worker import RolloutWorker
 
@@ -64,11 +64,7 @@ def serve(run_dir: Path, console: Console, *, max_rounds: int | None = None) -> 
                                                max_response_tokens=cfg.gepa.max_response_tokens,
                                                enable_sleep_mode=False)
             try:
-                evaluate = PolicyEvaluator(worker, temperature=cfg.rollout.temperature, seed=cfg.gepa.seed,
-                                           max_tokens=cfg.gepa.max_response_tokens or cfg.rollout.max_response_tokens)
-                metrics = run_round(run_dir, epoch, gepa_settings(cfg.gepa, cfg.algorithm.n_samples), evaluate,
-                                    reflection.propose, extra_metrics=reflection.client.metrics,
-                                    pass_at_k=cfg.gepa.eval_pass_at_k)
+                metrics = configured_round(cfg, run_dir, epoch, worker, reflection)
             finally:
                 worker.close()
             console.print(f"GEPA: epoch {epoch} done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

@@ -125,17 +125,13 @@ class TemplateExchange:
             time.sleep(gepa.poll_s)
 
     def _inline_round(self, epoch: int) -> dict:
-        from p2o_hpc.gepa.runner import PolicyEvaluator, Reflection, gepa_settings, run_round
+        from p2o_hpc.gepa.runner import Reflection, configured_round
         from p2o_hpc.launch import resolve_model_dir
 
-        cfg, gepa = self.cfg, self.cfg.gepa
         if self.reflection is None:
-            self.reflection = Reflection(cfg.reflection, resolve_model_dir(cfg.model.path), self.run_dir / "logs")
-        evaluate = PolicyEvaluator(self.worker(), temperature=cfg.rollout.temperature, seed=gepa.seed,
-                                   max_tokens=gepa.max_response_tokens or cfg.rollout.max_response_tokens)
-        return run_round(self.run_dir, epoch, gepa_settings(gepa, cfg.algorithm.n_samples), evaluate,
-                         self.reflection.propose, extra_metrics=self.reflection.client.metrics,
-                         pass_at_k=gepa.eval_pass_at_k)
+            self.reflection = Reflection(self.cfg.reflection, resolve_model_dir(self.cfg.model.path),
+                                         self.run_dir / "logs")
+        return configured_round(self.cfg, self.run_dir, epoch, self.worker(), self.reflection)
 
     def _finished_assignments(self, epoch: int) -> dict[str, list[str]]:
         """The templates GEPA evolved on this epoch's hard set, for the next epoch ({} when there are none)."""

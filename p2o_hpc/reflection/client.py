@@ -49,8 +49,9 @@ class ReflectionClient:
         max_retries: int = 5,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
-        temperature: float = 1.0,
+        temperature: float = 0.6,
         max_tokens: int = 2048,
+        chat_template_kwargs: Optional[dict] = None,
         price_per_million_input: float = 0.0,
         price_per_million_output: float = 0.0,
         seed: Optional[int] = None,
@@ -67,6 +68,9 @@ class ReflectionClient:
         self.max_retries = max(0, int(max_retries))
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
         self.temperature, self.max_tokens = temperature, max_tokens
+        # vLLM's request field for the chat template's variables (e.g. enable_thinking=False for Qwen3); sent only
+        # when non-empty, since a strict remote API may refuse an unknown field.
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.price_in, self.price_out = price_per_million_input, price_per_million_output
         self._secret = key if key != DUMMY_KEY else None  # only for redaction
         self._openai = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout_s, max_retries=0)
@@ -90,6 +94,7 @@ class ReflectionClient:
             max_concurrency=cfg.max_concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
             backoff_initial_s=cfg.backoff_initial_s, backoff_max_s=cfg.backoff_max_s,
             temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+            chat_template_kwargs=dict(cfg.chat_template_kwargs or {}),
             price_per_million_input=cfg.price_per_million_input,
             price_per_million_output=cfg.price_per_million_output, **kw,
         )
@@ -99,6 +104,10 @@ class ReflectionClient:
                 f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency})")
 
     # -- requests -------------------------------------------------------------------------------------------
+
+    @property
+    def _extra_body(self) -> Optional[dict]:
+        return {"chat_template_kwargs": self.chat_template_kwargs} if self.chat_template_kwargs else None
 
     def complete(self, prompt: str) -> str:
         """One prompt → the reply text; raises ReflectionError when it fails for good."""
@@ -113,6 +122,7 @@ class ReflectionClient:
                         messages=[{"role": "user", "content": prompt}],
                         temperature=self.temperature,
                         max_tokens=self.max_tokens,
+                        extra_body=self._extra_body,
                     )
             except openai.APIStatusError as err:  # the server answered with an error status
                 status, error = err.status_code, err
