@@ -105,17 +105,7 @@ def load_problems(
         raise DatasetError(f"limit must be a positive integer or None, got {limit!r}")
     source_str = str(source)
     label = label or source_str
-    if source_str.startswith(HF_PREFIX):
-        rows = _hf_rows(source_str[len(HF_PREFIX):], split)
-        where = lambda pos: f"{source_str} (split {split!r}) row {pos}"  # noqa: E731
-        stem = source_str[len(HF_PREFIX):].rsplit("/", 1)[-1]
-    else:
-        path = Path(source_str)
-        rows = _file_rows(path)
-        unit = "line" if path.suffix == ".jsonl" else "index"
-        where = lambda pos: f"{path} {unit} {pos}"  # noqa: E731
-        # "test:3" says nothing in an eval log; benchmarks/aime25/test.jsonl gives "aime25/test:3".
-        stem = f"{path.parent.name}/{path.stem}" if path.stem in _GENERIC_STEMS and path.parent.name else path.stem
+    rows, where, stem = _open_rows(source_str, split)
     problems = list(_problems_from_rows(rows, where, stem, label, limit, skip_unanswered))
     if not problems:
         raise DatasetError(f"dataset {source_str} has no usable rows")
@@ -499,17 +489,21 @@ def _source_rows(source: str, split: str) -> list[_RawRow]:
     return _source_rows_of(source, split, label=source)
 
 
-def _source_rows_of(source: str, split: str, *, label: str) -> list[_RawRow]:
+def _open_rows(source: str, split: str) -> tuple[Iterator[tuple[int, Any]], Callable[[int], str], str]:
+    """(rows as (position, row), where(position) for error messages, the stem that default ids start with) of a
+    local .json/.jsonl file or an "hf:" dataset."""
     if source.startswith(HF_PREFIX):
         rows = _hf_rows(source[len(HF_PREFIX):], split)
-        where = lambda pos: f"{source} (split {split!r}) row {pos}"  # noqa: E731
-        stem = source[len(HF_PREFIX):].rsplit("/", 1)[-1]
-    else:
-        path = Path(source)
-        rows = _file_rows(path)
-        unit = "line" if path.suffix == ".jsonl" else "index"
-        where = lambda pos: f"{path} {unit} {pos}"  # noqa: E731
-        stem = f"{path.parent.name}/{path.stem}" if path.stem in _GENERIC_STEMS and path.parent.name else path.stem
+        return rows, (lambda pos: f"{source} (split {split!r}) row {pos}"), source[len(HF_PREFIX):].rsplit("/", 1)[-1]
+    path = Path(source)
+    unit = "line" if path.suffix == ".jsonl" else "index"
+    # "test:3" says nothing in an eval log; benchmarks/aime25/test.jsonl gives "aime25/test:3".
+    stem = f"{path.parent.name}/{path.stem}" if path.stem in _GENERIC_STEMS and path.parent.name else path.stem
+    return _file_rows(path), (lambda pos: f"{path} {unit} {pos}"), stem
+
+
+def _source_rows_of(source: str, split: str, *, label: str) -> list[_RawRow]:
+    rows, where, stem = _open_rows(source, split)
     out = [_RawRow(row, where(position), f"{stem}:{index}", label) for index, (position, row) in enumerate(rows)]
     if not out:
         raise DatasetError(f"dataset {source} has no rows")
