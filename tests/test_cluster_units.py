@@ -46,6 +46,25 @@ def test_tau_defines_hard():
     assert is_hard(six(1), tau=0.17) and not is_hard(six(2), tau=0.17)  # the authors' near-hard prompts
 
 
+def test_paper_preset_mines_near_hard_prompts():
+    """experiment=paper_p2o mines as the authors' scripts (add_near_hard=True): a K=6 group with one success is
+    hard, with two it is not; the hard set reaches GEPA with both kinds."""
+    from hydra import compose, initialize_config_dir
+
+    from p2o_hpc.config import register_configs
+    from p2o_hpc.trainer.hard_mining import HardSampleMiner
+
+    register_configs()
+    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = to_run_config(compose("config", overrides=["experiment=paper_p2o"]))
+    k, tau = cfg.algorithm.n_samples, cfg.algorithm.tau
+    assert k == 6 and 1 / k <= tau < 2 / k
+    miner = HardSampleMiner(tau=tau, failed_responses=1, max_response_chars=100)
+    for prompt_id, successes in (("none", 0), ("one", 1), ("two", 2)):
+        miner.add(prompt_id, "q", "1", [1.0] * successes + [0.0] * (k - successes), ["wrong"] * (k - successes))
+    assert [row["prompt_id"] for row in miner.hard_set()] == ["none", "one"]
+
+
 def test_nodes_times_ranks_must_be_the_world_size():
     cfg = RunConfig()
     cfg.cluster.kind = "slurm"
