@@ -91,6 +91,24 @@ def test_preflight_names_the_missing_key_variable(monkeypatch):
         preflight(cfg)
 
 
+def test_preflight_refuses_a_teacher_without_an_endpoint(monkeypatch):
+    """The teacher preset has no default URL (no public default serves the authors' Kimi model name)."""
+    from hydra import compose, initialize_config_dir
+
+    from p2o_hpc.config import register_configs
+
+    monkeypatch.delenv("P2O_TEACHER_BASE_URL", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "secret")
+    register_configs()
+    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = to_run_config(compose("config", overrides=["experiment=paper_p2o", "reflection=teacher"]))
+    assert cfg.reflection.base_url is None and cfg.reflection.model == "moonshotai/Kimi-K2-Instruct-0905"
+    with pytest.raises(ValueError, match=r"P2O_TEACHER_BASE_URL"):
+        preflight(cfg)
+    cfg.reflection.base_url = "http://127.0.0.1:9/v1"
+    preflight(cfg)
+
+
 def test_point_dir_names_are_one_component_and_bounded():
     assert point_dir_name("data.train=/a/b.jsonl,reflection=self") == "data.train=_a_b.jsonl,reflection=self"
     long = point_dir_name("x=" + "y" * 400)

@@ -48,6 +48,9 @@ def preflight(cfg: RunConfig) -> None:
     """What the jobs would only find out on the cluster, checked before anything is submitted."""
     reflection = cfg.reflection
     uses_teacher = cfg.algorithm.p2o.enabled and cfg.gepa.mode != "off" and reflection.kind == "teacher"
+    if uses_teacher and not reflection.base_url:
+        raise ValueError(f"reflection=teacher (model {reflection.model}) has no endpoint: set $P2O_TEACHER_BASE_URL "
+                         "or reflection.base_url to an OpenAI-compatible server that serves that model")
     if uses_teacher and reflection.api_key_env and not os.environ.get(reflection.api_key_env):
         raise ValueError(f"reflection=teacher ({reflection.base_url}, model {reflection.model}) reads its API key "
                          f"from ${reflection.api_key_env}, which is not set here (the jobs inherit this environment)")
