@@ -12,7 +12,7 @@ import torch
 
 from p2o_hpc.data import Problem, encode_prompt
 from p2o_hpc.p2o.templates import rejection_reason
-from p2o_hpc.reward.registry import REWARDS, resolve_reward  # noqa: F401  (REWARDS re-exported)
+from p2o_hpc.reward.registry import resolve_reward
 from p2o_hpc.trainer.rollout_batch import Rollout
 
 # Room for the separator between template and question, and for tokens merging across the join.
