@@ -144,3 +144,21 @@ def test_cd_masked_tokens_stay_in_the_token_mean_denominator(monkeypatch):
     # (target_mask = response_mask[:, 1:] = [1, 1, 1]); the masked one contributes 0 but still counts.
     assert count.item() == 3.0
     assert summed.item() == pytest.approx(-4.0)
+
+
+def test_warmup_is_the_authors_share_of_the_run():
+    """verl: int(lr_warmup_steps_ratio × total trainer steps), here × the mini-batches of a step (one scheduler
+    step per optimizer step). The paper: 5,000 prompts / 128 = 39 steps an epoch × 5 epochs = 195 → 9 trainer
+    steps = 18 optimizer steps at 2 mini-batches a step."""
+    from p2o_hpc.config import AlgorithmConfig
+    from p2o_hpc.trainer.grpo_trainer import warmup_optimizer_steps
+
+    algo = AlgorithmConfig()
+    assert (algo.warmup_ratio, algo.warmup_steps, algo.weight_decay) == (0.05, 0, 0.01)
+    assert warmup_optimizer_steps(algo, 195, 2) == 18
+    assert warmup_optimizer_steps(algo, 19, 2) == 0  # int(0.95): a short run has no warm-up, as in verl
+    algo.warmup_steps = 7
+    assert warmup_optimizer_steps(algo, 195, 2) == 7  # an explicit length wins
+    algo.warmup_steps = 390  # megatron's scheduler asserts warm-up < decay steps: a named error instead
+    with pytest.raises(ValueError, match=r"algorithm.warmup_steps=390 must be shorter than the run's 390"):
+        warmup_optimizer_steps(algo, 195, 2)

@@ -101,7 +101,12 @@ def rank_placement(local_rank: int) -> dict:
 def warmup_optimizer_steps(algo, run_steps: int, mini_batches_per_step: int) -> int:
     """Linear LR warm-up length in optimizer steps: algorithm.warmup_steps, else the authors' verl rule
     int(warmup_ratio × the run's trainer steps), counted in trainer steps there (one scheduler step per trainer
-    step) and so multiplied by the mini-batches of a step here (megatron's scheduler steps per optimizer step)."""
+    step) and so multiplied by the mini-batches of a step here (megatron's scheduler steps per optimizer step).
+    run_steps is the run's length, algorithm.max_steps included, like the LR schedule's horizon."""
+    optimizer_steps = run_steps * mini_batches_per_step
+    if algo.warmup_steps >= max(optimizer_steps, 1):
+        raise ValueError(f"algorithm.warmup_steps={algo.warmup_steps} must be shorter than the run's "
+                         f"{optimizer_steps} optimizer steps ({run_steps} steps × {mini_batches_per_step} mini-batches)")
     if algo.warmup_steps:
         return algo.warmup_steps
     return int(algo.warmup_ratio * run_steps) * mini_batches_per_step
@@ -127,7 +132,7 @@ class GRPOTrainer:
         dtype = DTYPES[cfg.model.params_dtype]
         self.learner = build_learner(self.arch, model_dir, OptimSettings(
             lr=algo.lr, weight_decay=algo.weight_decay, clip_grad=algo.clip_grad,
-            warmup_steps=warmup_optimizer_steps(algo, steps, self.mini_batches_per_step),
+            warmup_steps=warmup_optimizer_steps(algo, self.total_steps, self.mini_batches_per_step),
             decay_style=algo.lr_decay_style, total_steps=self.total_steps * self.mini_batches_per_step,
         ), dtype)
         self.reference = self._build_reference(dtype) if algo.kl_coef > 0 else None
