@@ -106,16 +106,16 @@ def pass_at_k_metrics(evaluate: PolicyEvaluator, items: list[HardItem], document
     return metrics
 
 
-def gepa_settings(gepa_cfg, k: int, reflection_cfg=None) -> GEPASettings:
-    """GEPASettings from gepa.* (k: the learner's K); with the reflection config, the feedback is fitted into the
-    reflection model's context (reflection_prompt_budget)."""
+def gepa_settings(gepa_cfg, k: int, reflection_cfg) -> GEPASettings:
+    """GEPASettings from gepa.* (k: the learner's K); the feedback is fitted into the reflection model's context
+    (reflection_prompt_budget)."""
     from p2o_hpc.reflection.config import reflection_prompt_budget
 
     return GEPASettings(
         min_hard=gepa_cfg.min_hard, dev_size=gepa_cfg.dev_size, minibatch_size=gepa_cfg.minibatch_size,
         num_parents=gepa_cfg.num_parents, parent_selection=gepa_cfg.parent_selection,
         max_metric_calls=gepa_cfg.max_metric_calls, auto=gepa_cfg.auto, templates_per_sample=k, seed=gepa_cfg.seed,
-        feedback_token_budget=None if reflection_cfg is None else reflection_prompt_budget(reflection_cfg),
+        feedback_token_budget=reflection_prompt_budget(reflection_cfg),
     )
 
 
@@ -150,18 +150,17 @@ def round_metrics(document: dict) -> dict:
 
 
 def run_round(run_dir: str | Path, epoch: int, settings: GEPASettings, evaluate, propose,
-              extra_metrics=dict, pass_at_k: bool = True, tokenizer=None) -> dict:
+              extra_metrics=dict, pass_at_k: bool = True) -> dict:
     """Evolve templates for epoch `epoch`'s hard set (resuming its saved state), publish them, return metrics.
 
     extra_metrics(): more numbers to publish with the round (the reflection client's requests, tokens, cost).
     pass_at_k: also measure pass@1/pass@K on dev with and without the best template (2·K·|dev| extra rollouts).
-    tokenizer: counts the reflection feedback's tokens; None → the evaluator's (the policy's) tokenizer.
+    The reflection feedback's tokens are counted with the evaluator's (the policy's) tokenizer, when it has one.
     """
     if templates_done(run_dir, epoch):
         return json.loads(templates_path(run_dir, epoch).read_text())["metrics"]
     items = read_hard_set(run_dir, epoch)
-    tokenizer = tokenizer or getattr(evaluate, "tokenizer", None)
-    engine = GEPAEngine(items, evaluate, propose, settings, tokenizer=tokenizer)
+    engine = GEPAEngine(items, evaluate, propose, settings, tokenizer=getattr(evaluate, "tokenizer", None))
     document = engine.run(epoch_dir(run_dir, epoch) / "gepa_state.json").to_json()
     document["epoch"] = epoch
     document["metrics"] = round_metrics(document)
