@@ -1,7 +1,11 @@
 """The run's configuration as Hydra structured configs: typed, validated at compose time, one group per concern.
 
-Defaults are the paper's setup (Qwen3-4B, K=6, T=0.6, lr 1e-6, 128 prompts per step, mini-batch 64, no KL,
-5 epochs); `conf/` holds the YAML groups and presets (`experiment=smoke` is the CPU one).
+The dataclasses are the one place defaults live: the paper's setup (Qwen3-4B, K=6, T=0.6, lr 1e-6, 128 prompts
+per step, mini-batch 64, no KL, 5 epochs). `conf/` holds the YAML groups and presets (`experiment=smoke` is the CPU
+one), and a group file states only what differs from these defaults (tests/test_config_schema.py). Closed choices
+are enums (p2o_hpc.choices), so a misspelt value fails at compose time; `validate` adds the checks that span keys.
+
+A base module: it imports no other p2o_hpc package, so the settings objects elsewhere can nest its sections.
 """
 
 from __future__ import annotations
@@ -12,21 +16,41 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from p2o_hpc.reflection.config import ReflectionConfig, reflection_context_tokens
+from p2o_hpc.choices import (
+    Advantage,
+    CDMask,
+    ClusterKind,
+    GEPAAuto,
+    GEPAMode,
+    GEPASchedule,
+    KLPenalty,
+    LossAgg,
+    LRDecayStyle,
+    ParamsDtype,
+    ParentSelection,
+    PolicyLoss,
+    Recipe,
+    ReflectionKind,
+    RewardName,
+    RolloutBackend,
+    WandbMode,
+)
+
+TEACHER_CONTEXT_TOKENS = 32768  # the authors' reflection_max_model_length, also for their API teacher
 
 
 @dataclass
 class ModelConfig:
     # HF folder or hub name; "tiny" builds the project's tiny Qwen3 (CPU runs and tests).
     path: str = "Qwen/Qwen3-4B"
-    params_dtype: str = "bf16"  # fp32 | bf16 | fp16
+    params_dtype: ParamsDtype = ParamsDtype.bf16
 
 
 @dataclass
 class DataConfig:
     # A name from p2o_hpc.data.datasets.DATASETS, a .json/.jsonl path, or "hf:<dataset name>".
     train: str = "deepscaler_partial"
-    recipe: Optional[str] = "deepscaler"  # deepscaler | deepmath | null (use all rows)
+    recipe: Optional[Recipe] = Recipe.deepscaler  # null: use all rows
     recipe_seed: int = 42
     holdout: int = 500
     take: int = 5000
@@ -38,8 +62,8 @@ class DataConfig:
     # that do not use a variable ignore it.
     chat_template_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_thinking": False})
     # How this dataset's answers are graded (p2o_hpc.reward registry, as the authors pick the grader by
-    # data_source): math_verify (strict last box) | deepscaler | deepmath (exactly one box) | package.module:fn
-    reward: str = "math_verify"
+    # data_source): a RewardName (math_verify: strict last box; deepmath: exactly one box) or package.module:fn
+    reward: str = RewardName.math_verify.value
 
 
 @dataclass
@@ -55,7 +79,7 @@ class P2OConfig:
     enabled: bool = False
     # True: train on the original prompt x (context distillation); False: on x̃ (the "w/o CD" ablation).
     context_distillation: bool = True
-    cd_mask: str = "hard"  # hard | soft | none: tokens whose π(y|x)/π(y|x̃) leaves [1 − low, 1 + high]
+    cd_mask: CDMask = CDMask.hard  # tokens whose π(y|x)/π(y|x̃) leaves [1 − low, 1 + high]: dropped, scaled, kept
     cd_clip_low: float = 0.99  # the authors' scripts: [0.01, 10]
     cd_clip_high: float = 9.0
     same_template_in_group: bool = False  # the paper's ablation: one template for all K rollouts of a prompt
@@ -79,17 +103,17 @@ class AlgorithmConfig:
     # 0 → all K failed (the paper's text); 0.17 with K=6 → at most one success, the authors' add_near_hard=True,
     # which the paper preset uses (for another K take 1/K ≤ tau < 2/K).
     tau: float = 0.0
-    advantage: str = "grpo"
+    advantage: Advantage = Advantage.grpo
     adv_eps: float = 1e-6
-    policy_loss: str = "ppo_clip"
+    policy_loss: PolicyLoss = PolicyLoss.ppo_clip
     clip_low: float = 0.2
     clip_high: float = 0.2
     # Dual-clip PPO (Ye et al. 2020, the authors' verl clip_ratio_c): for A < 0 the loss is capped at −A·c, so a
     # token whose ratio has exploded cannot dominate the update. null → plain PPO clip.
     dual_clip_c: Optional[float] = 3.0
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean
+    loss_agg: LossAgg = LossAgg["token-mean"]
     kl_coef: float = 0.0  # the paper trains without KL
-    kl_penalty: str = "low_var_kl"
+    kl_penalty: KLPenalty = KLPenalty.low_var_kl
     one_step_off_policy: bool = False  # generate batch t+1 with weights from step t, overlapped with training
     lr: float = 1e-6
     weight_decay: float = 0.01  # the authors' verl optim default
@@ -98,7 +122,7 @@ class AlgorithmConfig:
     # The authors' lr_warmup_steps_ratio: int(ratio × the run's trainer steps) steps of warm-up (× the mini-batches
     # of a step here, as megatron's scheduler counts optimizer steps).
     warmup_ratio: float = 0.05
-    lr_decay_style: str = "constant"
+    lr_decay_style: LRDecayStyle = LRDecayStyle.constant
     hard: HardMiningConfig = field(default_factory=HardMiningConfig)
     p2o: P2OConfig = field(default_factory=P2OConfig)
 
@@ -118,10 +142,10 @@ class GEPAResources:
 class GEPAConfig:
     """Template evolution per epoch (Algorithms 2–4); defaults are the paper's, else the authors' code."""
 
-    mode: str = "service"  # service: its own process/job; inline: inside the learner (single box); off
+    mode: GEPAMode = GEPAMode.service  # service: its own process/job; inline: inside the learner (single box); off
     # blocking: the learner waits for epoch t's templates before epoch t+1 (the paper); overlap (service mode):
     # epoch t+1 starts with the prompts that need no template, last epoch's hard prompts wait for the templates.
-    schedule: str = "blocking"
+    schedule: GEPASchedule = GEPASchedule.blocking
     min_hard: int = 100  # fewer hard prompts: no GEPA round, next epoch plain GRPO (authors' hard_set_min_count)
     # Dev = min(dev_size, n // 2) of the n hard prompts, train = the rest, disjoint (the authors' split: half/half
     # below n = 1.5 · dev_size, 300 dev items from n = 600 on).
@@ -129,8 +153,8 @@ class GEPAConfig:
     minibatch_size: int = 3  # reflection minibatch B
     # Beam W: parents per iteration, each mutated once; a front of ≤ W candidates is taken whole, else W distinct.
     num_parents: int = 16
-    parent_selection: str = "pareto_mean"  # pareto_mean (paper, Alg. 4) | instance_best_count (authors' code)
-    auto: str = "heavy_4"  # DSPy auto budget: 72 candidates
+    parent_selection: ParentSelection = ParentSelection.pareto_mean  # paper, Alg. 4; instance_best_count: authors'
+    auto: GEPAAuto = GEPAAuto.heavy_4  # DSPy auto budget: 72 candidates
     max_metric_calls: Optional[int] = None  # an explicit budget in policy rollouts instead of `auto`
     max_response_tokens: Optional[int] = None  # evaluation rollouts; null → rollout.max_response_tokens
     # (The reflection feedback is fitted by tokens into reflection.context_tokens − reflection.max_tokens.)
@@ -143,6 +167,54 @@ class GEPAConfig:
     poll_s: float = 5.0
     resources: GEPAResources = field(default_factory=GEPAResources)
     max_restarts: int = 3  # a service job that dies while its learner lives is resubmitted this often
+
+
+@dataclass
+class ReflectionConfig:
+    """The reflection LLM that GEPA asks for improved prompt templates."""
+
+    # self: the reference model (original weights) behind a local `vllm serve` that GEPA starts and stops;
+    # teacher: any OpenAI-compatible endpoint; none: no reflection (plain GRPO).
+    kind: ReflectionKind = ReflectionKind.self
+    base_url: Optional[str] = None  # teacher only; `self` takes the local server's URL
+    model: Optional[str] = None  # teacher: the endpoint's model name; self: the served name (None → "reference")
+    # NAME of the environment variable holding the key; the key itself never enters configs, logs or files.
+    api_key_env: Optional[str] = "OPENAI_API_KEY"
+    max_concurrency: int = 8  # simultaneous requests per client
+    timeout_s: float = 300.0  # per HTTP attempt
+    max_retries: int = 5  # extra attempts after the first, on 408/429/5xx and connection errors
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0  # also caps a server's Retry-After
+    # The authors' reflection sampling: reflection_temperature null → rollout temperature 0.6, 2048 new tokens.
+    temperature: float = 0.6
+    max_tokens: int = 2048
+    # Sent as the request body's `chat_template_kwargs` (vLLM renders the chat template with them); {} sends none.
+    # self: ${data.chat_template_kwargs}, the policy's non-thinking mode; teacher: {} (a strict API may refuse the
+    # field).
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The reflection model's context in tokens: the reflection prompt is fitted into context_tokens − max_tokens
+    # (the minibatch's responses cut by the authors' rule, counted with the policy's tokenizer).
+    # null → serve_max_model_len for self (the server's real limit), 32768 for a teacher (the authors' value).
+    context_tokens: Optional[int] = None
+    price_per_million_input: float = 0.0  # USD, for the cost tally only
+    price_per_million_output: float = 0.0
+    # kind=self only:
+    serve_port: Optional[int] = None  # None → pick a free port on 127.0.0.1
+    serve_start_timeout_s: float = 600.0
+    serve_max_model_len: int = 32768  # the authors' reference server (my_scripts/start_vllm_server.sh)
+    serve_extra_args: list[str] = field(default_factory=list)  # appended to the `vllm serve` command line
+
+
+def reflection_context_tokens(cfg: ReflectionConfig) -> int:
+    """The context the reflection prompt and its answer share (see ReflectionConfig.context_tokens)."""
+    if cfg.context_tokens is not None:
+        return int(cfg.context_tokens)
+    return int(cfg.serve_max_model_len) if cfg.kind == ReflectionKind.self else TEACHER_CONTEXT_TOKENS
+
+
+def reflection_prompt_budget(cfg: ReflectionConfig) -> int:
+    """Tokens the reflection prompt may take: the context minus the answer's max_tokens (the authors' budget)."""
+    return reflection_context_tokens(cfg) - int(cfg.max_tokens)
 
 
 @dataclass
@@ -167,7 +239,7 @@ class ParallelConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "vllm"
+    backend: RolloutBackend = RolloutBackend.vllm
     temperature: float = 0.6
     top_p: float = 1.0
     max_response_tokens: int = 12288  # the paper's 12k
@@ -190,7 +262,7 @@ class RewardConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode.offline
     project: str = "p2o_hpc"
     entity: Optional[str] = None
     name: Optional[str] = None  # null → the run dir's name (a sweep point's overrides)
@@ -209,7 +281,7 @@ class LoggingConfig:
 class ClusterConfig:
     """Where the jobs run. local: processes on this machine; slurm: submitit jobs (site presets in conf/cluster/)."""
 
-    kind: str = "local"  # local | slurm
+    kind: ClusterKind = ClusterKind.local
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
@@ -271,51 +343,55 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Errors that would otherwise surface minutes later inside a worker, named by their config key."""
-    algo = cfg.algorithm
-    dp = cfg.parallel.data
-    checks = [
-        (algo.n_samples >= 2, "algorithm.n_samples must be ≥ 2 (a group of one has no advantage)"),
-        (algo.prompts_per_step % algo.mini_batch_prompts == 0,
-         f"algorithm.prompts_per_step={algo.prompts_per_step} must be a multiple of "
-         f"algorithm.mini_batch_prompts={algo.mini_batch_prompts}"),
-        ((algo.mini_batch_prompts * algo.n_samples) % (dp * algo.micro_batch_size) == 0,
-         f"a mini-batch of {algo.mini_batch_prompts}×{algo.n_samples} sequences must split into "
-         f"parallel.data={dp} × algorithm.micro_batch_size={algo.micro_batch_size} evenly"),
-        (cfg.model.params_dtype in ("fp32", "bf16", "fp16"), "model.params_dtype must be fp32, bf16 or fp16"),
-        (algo.loss_agg in ("token-mean", "seq-mean-token-mean"),
-         "algorithm.loss_agg must be token-mean or seq-mean-token-mean"),
-        (cfg.logging.wandb.mode in ("offline", "online", "disabled"),
-         "logging.wandb.mode must be offline, online or disabled"),
-        (min(cfg.parallel.tensor, cfg.parallel.pipeline, dp, cfg.parallel.nodes) >= 1, "parallel.* sizes must be ≥ 1"),
-        (cfg.parallel.nodes * cfg.parallel.ranks_per_node == cfg.parallel.world_size,
-         f"parallel.nodes={cfg.parallel.nodes} × parallel.gpus_per_node={cfg.parallel.ranks_per_node} must equal "
-         f"the world size tensor×pipeline×data = {cfg.parallel.world_size}"),
-        (cfg.cluster.kind in ("local", "slurm"), "cluster.kind must be local or slurm"),
-        (cfg.cluster.kind == "slurm" or cfg.parallel.nodes == 1,
-         f"parallel.nodes={cfg.parallel.nodes} needs cluster=slurm (a local run has one node)"),
-        (0.0 <= algo.tau < 1.0, f"algorithm.tau={algo.tau} must be in [0, 1) (success rate ≤ tau is hard)"),
-        (cfg.rollout.backend == "vllm", "rollout.backend: only 'vllm' is implemented"),
-        (algo.p2o.cd_mask in ("hard", "soft", "none"), "algorithm.p2o.cd_mask must be hard, soft or none"),
-        (algo.p2o.template_max_tokens >= 1, "algorithm.p2o.template_max_tokens must be ≥ 1"),
-        (algo.dual_clip_c is None or algo.dual_clip_c > 1.0,
-         f"algorithm.dual_clip_c={algo.dual_clip_c} must be > 1 (or null for plain PPO clip)"),
-        (0.0 <= algo.warmup_ratio < 1.0, f"algorithm.warmup_ratio={algo.warmup_ratio} must be in [0, 1)"),
-        (cfg.gepa.eval_temperature >= 0.0, "gepa.eval_temperature must be ≥ 0 (0 = greedy)"),
-        (cfg.gepa.mode in ("service", "inline", "off"), "gepa.mode must be service, inline or off"),
-        (cfg.gepa.schedule in ("blocking", "overlap"), "gepa.schedule must be blocking or overlap"),
-        (not (cfg.gepa.schedule == "overlap" and cfg.gepa.mode != "service"),
-         "gepa.schedule=overlap needs gepa.mode=service (inline GEPA runs in the learner's own time)"),
-        (cfg.gepa.parent_selection in ("pareto_mean", "instance_best_count"),
-         "gepa.parent_selection must be pareto_mean or instance_best_count"),
-        (cfg.reflection.kind in ("self", "teacher", "none"), "reflection.kind must be self, teacher or none"),
-        (cfg.reflection.kind == "none" or reflection_context_tokens(cfg.reflection) > cfg.reflection.max_tokens,
-         f"reflection.max_tokens={cfg.reflection.max_tokens} leaves no room for the reflection prompt in the "
-         f"reflection context of {reflection_context_tokens(cfg.reflection)} tokens (reflection.context_tokens, "
-         "null → serve_max_model_len for self)"),
-        (not (algo.p2o.enabled and cfg.gepa.mode != "off" and cfg.reflection.kind == "none"),
-         "algorithm.p2o needs a reflection model: reflection=self or reflection=teacher (or gepa.mode=off)"),
-    ]
-    for ok, message in checks:
+    """Errors that would otherwise surface minutes later inside a worker, named by their config key.
+
+    Only what a field's type cannot say: ranges, and checks that span keys. Closed choices are enums (rejected at
+    compose time); data.reward is open ("package.module:function"), so its registered names are checked here.
+    """
+    for ok, message in _checks(cfg):
         if not ok:
             raise ValueError(message)
+
+
+def _checks(cfg: RunConfig):
+    """(ok, message) pairs in order, lazily: a later check may divide by a size an earlier one proved ≥ 1."""
+    algo, parallel, gepa, reflection = cfg.algorithm, cfg.parallel, cfg.gepa, cfg.reflection
+    dp = parallel.data
+    for key, value in (("algorithm.prompts_per_step", algo.prompts_per_step),
+                       ("algorithm.mini_batch_prompts", algo.mini_batch_prompts),
+                       ("algorithm.micro_batch_size", algo.micro_batch_size),
+                       ("trainer.save_every", cfg.trainer.save_every),
+                       ("algorithm.p2o.template_max_tokens", algo.p2o.template_max_tokens),
+                       ("parallel.tensor", parallel.tensor), ("parallel.pipeline", parallel.pipeline),
+                       ("parallel.data", dp), ("parallel.nodes", parallel.nodes),
+                       ("gepa.dev_size", gepa.dev_size), ("gepa.minibatch_size", gepa.minibatch_size),
+                       ("gepa.num_parents", gepa.num_parents)):
+        yield value >= 1, f"{key}={value} must be ≥ 1"
+    yield algo.n_samples >= 2, f"algorithm.n_samples={algo.n_samples} must be ≥ 2 (a group of one has no advantage)"
+    yield (algo.prompts_per_step % algo.mini_batch_prompts == 0,
+           f"algorithm.prompts_per_step={algo.prompts_per_step} must be a multiple of "
+           f"algorithm.mini_batch_prompts={algo.mini_batch_prompts}")
+    yield ((algo.mini_batch_prompts * algo.n_samples) % (dp * algo.micro_batch_size) == 0,
+           f"a mini-batch of {algo.mini_batch_prompts}×{algo.n_samples} sequences must split into "
+           f"parallel.data={dp} × algorithm.micro_batch_size={algo.micro_batch_size} evenly")
+    yield (parallel.nodes * parallel.ranks_per_node == parallel.world_size,
+           f"parallel.nodes={parallel.nodes} × parallel.gpus_per_node={parallel.ranks_per_node} must equal "
+           f"the world size tensor×pipeline×data = {parallel.world_size}")
+    yield (cfg.cluster.kind == ClusterKind.slurm or parallel.nodes == 1,
+           f"parallel.nodes={parallel.nodes} needs cluster=slurm (a local run has one node)")
+    yield 0.0 <= algo.tau < 1.0, f"algorithm.tau={algo.tau} must be in [0, 1) (success rate ≤ tau is hard)"
+    yield (algo.dual_clip_c is None or algo.dual_clip_c > 1.0,
+           f"algorithm.dual_clip_c={algo.dual_clip_c} must be > 1 (or null for plain PPO clip)")
+    yield 0.0 <= algo.warmup_ratio < 1.0, f"algorithm.warmup_ratio={algo.warmup_ratio} must be in [0, 1)"
+    yield (cfg.data.reward in set(RewardName) or ":" in cfg.data.reward,
+           f"data.reward={cfg.data.reward!r}: expected a registered reward ({', '.join(RewardName)}) "
+           "or 'package.module:function'")
+    yield gepa.eval_temperature >= 0.0, f"gepa.eval_temperature={gepa.eval_temperature} must be ≥ 0 (0 = greedy)"
+    yield (not (gepa.schedule == GEPASchedule.overlap and gepa.mode != GEPAMode.service),
+           "gepa.schedule=overlap needs gepa.mode=service (inline GEPA runs in the learner's own time)")
+    yield (reflection.kind == ReflectionKind.none or reflection_context_tokens(reflection) > reflection.max_tokens,
+           f"reflection.max_tokens={reflection.max_tokens} leaves no room for the reflection prompt in the "
+           f"reflection context of {reflection_context_tokens(reflection)} tokens (reflection.context_tokens, "
+           "null → serve_max_model_len for self)")
+    yield (not (algo.p2o.enabled and gepa.mode != GEPAMode.off and reflection.kind == ReflectionKind.none),
+           "algorithm.p2o needs a reflection model: reflection=self or reflection=teacher (or gepa.mode=off)")

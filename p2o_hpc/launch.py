@@ -8,9 +8,7 @@ with the same ``hydra.run.dir``, or ``resume=<run dir>``, continues from the lat
 
 from __future__ import annotations
 
-import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -18,34 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from p2o_hpc.config import RunConfig, register_configs, to_run_config, validate
-
-
-def resolve_model_dir(path: str) -> str:
-    """"tiny" → the project's tiny Qwen3; a folder → itself; anything else is a hub name, downloaded once."""
-    if path == "tiny":
-        from p2o_hpc.tiny_model import build_tiny_model
-
-        return str(build_tiny_model())
-    if Path(path).is_dir():
-        return str(Path(path).resolve())
-    if Path(path).is_absolute() or path.startswith("."):
-        raise FileNotFoundError(f"model.path={path!r}: no such folder")
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(repo_id=path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
-
-
-def run_local(cfg: RunConfig, run_dir: Path, model_dir: str) -> None:
-    """The learner ranks as local processes (tensor × pipeline × data of them), the GEPA service beside them."""
-    from p2o_hpc.megatron.distributed import launch_local
-    from p2o_hpc.trainer.grpo_trainer import run_worker
-
-    service = start_gepa_service(run_dir) if cfg.algorithm.p2o.enabled and cfg.gepa.mode == "service" else None
-    try:
-        launch_local(run_worker, cfg.parallel.world_size, asdict(cfg), str(run_dir), model_dir)
-    finally:
-        if service is not None:
-            stop_gepa_service(service, run_dir)
+from p2o_hpc.model_dir import resolve_model_dir
+from p2o_hpc.run_dir import RunDir
 
 
 def resumed(cfg: RunConfig, explicit: list[str]) -> tuple[RunConfig, Path]:
@@ -55,9 +27,9 @@ def resumed(cfg: RunConfig, explicit: list[str]) -> tuple[RunConfig, Path]:
     from hydra import compose
 
     run_dir = Path(cfg.resume).resolve()
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise FileNotFoundError(f"resume={cfg.resume}: {saved} does not exist (not a run dir?)")
+    saved = RunDir(run_dir)
+    if not saved.config.is_file():
+        raise FileNotFoundError(f"resume={cfg.resume}: {saved.config} does not exist (not a run dir?)")
 
     def key(item: str) -> str:
         return item.lstrip("~+").partition("=")[0]
@@ -73,10 +45,10 @@ def resumed(cfg: RunConfig, explicit: list[str]) -> tuple[RunConfig, Path]:
     if changed:
         raise ValueError(f"resume={cfg.resume} continues the run with its saved config; these overrides would "
                          f"change it: {changed} (only cluster=…, cluster.*, parallel.nodes, parallel.gpus_per_node may)")
-    resumed_cfg = to_run_config(OmegaConf.load(saved))
+    resumed_cfg = saved.load_config()
     new_cluster = [item for item in explicit if where(item)]
     if new_cluster:
-        overrides_file = run_dir / "overrides.yaml"
+        overrides_file = saved.overrides
         original = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
         kept = [item for item in original if not (where(item) or bookkeeping(item))]
         resumed_cfg.cluster = to_run_config(compose(config_name="config", overrides=kept + new_cluster)).cluster
@@ -88,32 +60,13 @@ def resumed(cfg: RunConfig, explicit: list[str]) -> tuple[RunConfig, Path]:
     return resumed_cfg, run_dir
 
 
-def start_gepa_service(run_dir: Path) -> subprocess.Popen:
-    """The GEPA service as its own process beside the local learner (on SLURM: its own job)."""
-    log = run_dir / "logs" / "gepa_service.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as handle:
-        return subprocess.Popen([sys.executable, "-m", "p2o_hpc.gepa.service", "--run-dir", str(run_dir)],
-                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_gepa_service(service: subprocess.Popen, run_dir: Path, grace_s: float = 120.0) -> None:
-    """After the learner: the service ends by itself on FINISHED; after a learner failure it is stopped."""
-    if not (run_dir / "FINISHED").exists():
-        service.terminate()
-    try:
-        service.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        service.kill()
-        service.wait()
-
-
 register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """One run (a -m sweep goes through p2o_hpc.cluster.sweep_launcher instead)."""
+    from p2o_hpc.cluster.local_run import run_local
     from p2o_hpc.cluster.runs import (RunHandle, launcher_console, point_latest, preflight, prepare_run_dir, report,
                                       submit_to_slurm, supervise)
 
@@ -126,13 +79,13 @@ def main(cfg: DictConfig) -> None:
     validate(run_cfg)
     preflight(run_cfg)
     model_dir = resolve_model_dir(run_cfg.model.path)
-    prepare_run_dir(run_cfg, run_dir, overrides=None if cfg.resume else overrides)  # a resume keeps the original
+    prepare_run_dir(run_cfg, RunDir(run_dir), overrides=None if cfg.resume else overrides)  # a resume keeps the original
     point_latest(run_dir.parent, run_dir)
     if run_cfg.cluster.kind == "local":
-        run_local(run_cfg, run_dir, model_dir)
+        run_local(run_cfg, RunDir(run_dir), model_dir)
     else:
         console = launcher_console()
-        handle = RunHandle(name=run_dir.name, run_dir=run_dir, cfg=run_cfg)
+        handle = RunHandle(name=run_dir.name, run_dir=RunDir(run_dir), cfg=run_cfg)
         if submit_to_slurm(handle, model_dir):
             console.print(f"submitted learner job {handle.learner.job_id}"
                           + (f" and GEPA service job {handle.service.job_id}" if handle.service else "")

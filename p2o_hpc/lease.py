@@ -1,9 +1,9 @@
 """One writer per run dir and role: a lease file with the holder's host, pid and a heartbeat.
 
-Used for the learner (`learner.lease`: two jobs never train into the same run dir) and the GEPA service
-(`gepa_service.lease`). A second holder is refused while the heartbeat is fresh; a lease whose holder died
-(heartbeat older than `stale_s`, or a dead pid on this host) is taken over, so a crashed or requeued job simply
-starts again. Works on shared file systems where flock does not.
+Used for the learner (two jobs never train into the same run dir) and the GEPA service, through their run dir
+(RunDir.learner_lease, RunDir.service_lease). A second holder is refused while the heartbeat is fresh; a lease
+whose holder died (heartbeat older than `stale_s`, or a dead pid on this host) is taken over, so a crashed or
+requeued job simply starts again. Works on shared file systems where flock does not.
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ import time
 from pathlib import Path
 
 from p2o_hpc.io_utils import atomic_write_text
-
-
-LEARNER_LEASE = "learner.lease"
 
 
 class LeaseHeld(RuntimeError):

@@ -14,11 +14,13 @@ from p2o_hpc.megatron.checkpointing import latest_checkpoint, load_checkpoint, s
 from p2o_hpc.megatron.distributed import init_megatron
 from p2o_hpc.megatron.hf_weights import export_hf_weights
 from p2o_hpc.megatron.model_provider import read_hf_architecture
-from p2o_hpc.megatron.training import OptimSettings, build_learner, token_nll_loss, train_step
+from p2o_hpc.config import AlgorithmConfig
+from p2o_hpc.megatron.training import LRSchedule, build_learner, token_nll_loss, train_step
 
 GLOBAL_BATCH, SEQ, MICRO_BATCHES = 8, 24, 2
 FIRST_ORDINARY_TOKEN = 3  # the tiny tokenizer's special tokens are ids 0-2
-TEST_OPTIM = OptimSettings(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
+TEST_OPTIM = AlgorithmConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0)  # constant LR
+TEST_SCHEDULE = LRSchedule(warmup_steps=0, total_steps=1000)
 
 
 def global_batch(vocab_size: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +59,7 @@ def learner_worker(hf_dir: str, tp: int, pp: int, actions: list[tuple], out_dir:
     """Runs ('train', n) / ('save',) / ('load', with_optimizer) / ('export', file, bucket_bytes) in order."""
     init_megatron(tp, pp)
     arch = read_hf_architecture(hf_dir)
-    learner = build_learner(arch, hf_dir, TEST_OPTIM)
+    learner = build_learner(arch, hf_dir, TEST_OPTIM, TEST_SCHEDULE)
     metrics = []
     for action in actions:
         if action[0] == "train":

@@ -21,7 +21,7 @@ def worker():
     from hydra import compose, initialize_config_dir
 
     from p2o_hpc.config import register_configs, to_run_config
-    from p2o_hpc.launch import resolve_model_dir
+    from p2o_hpc.model_dir import resolve_model_dir
     from p2o_hpc.paths import REPO_ROOT
     from p2o_hpc.rollout.rollout_worker import RolloutWorker
 

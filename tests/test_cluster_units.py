@@ -8,19 +8,18 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from p2o_hpc.cluster.preemption import StopSignal, parse_slurm_duration, should_checkpoint_early
+from p2o_hpc.algo.hard_mining import is_hard
 from p2o_hpc.cluster.runs import RunHandle, preflight, report
 from p2o_hpc.cluster.sweep_launcher import point_dir_name
 from p2o_hpc.config import RunConfig, to_run_config, validate
-from p2o_hpc.lease import Lease, LeaseHeld
+from p2o_hpc.lease import LeaseHeld
 from p2o_hpc.paths import REPO_ROOT
-from p2o_hpc.trainer.hard_mining import is_hard
+from p2o_hpc.run_dir import RunDir
+from p2o_hpc.trainer.preemption import StopSignal, parse_slurm_duration, should_checkpoint_early
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
@@ -52,7 +51,7 @@ def test_paper_preset_mines_near_hard_prompts():
     from hydra import compose, initialize_config_dir
 
     from p2o_hpc.config import register_configs
-    from p2o_hpc.trainer.hard_mining import HardSampleMiner
+    from p2o_hpc.algo.hard_mining import HardSampleMiner
 
     register_configs()
     with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
@@ -116,18 +115,18 @@ def test_point_dir_names_are_one_component_and_bounded():
 
 
 def test_lease_refuses_a_live_holder_and_waits_out_a_dead_one(tmp_path):
-    path = tmp_path / "learner.lease"
-    holder = Lease(path, role="learner").acquire()
+    run_dir = RunDir(tmp_path)
+    holder = run_dir.learner_lease().acquire()
     try:
         with pytest.raises(LeaseHeld, match="the learner of this run is already running"):
-            Lease(path, role="learner").acquire()
+            run_dir.learner_lease().acquire()
     finally:
         holder.release()
-    assert not path.exists()
+    assert not holder.path.exists()
     # A holder on another host whose heartbeat goes stale: the waiting acquirer gets it once it is stale.
-    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "t", "heartbeat": time.time() - 59}))
+    holder.path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "t", "heartbeat": time.time() - 59}))
     started = time.monotonic()
-    Lease(path, role="learner", heartbeat_s=0.5, stale_s=60).acquire(wait_s=10).release()
+    run_dir.learner_lease(heartbeat_s=0.5, stale_s=60).acquire(wait_s=10).release()
     assert 0.5 < time.monotonic() - started < 10
 
 
@@ -135,7 +134,7 @@ def test_stop_signal_usr2_reaches_the_flag_and_children_survive_it():
     """USR2 is blocked (inherited by children) and taken by a sigwait thread: the flag is set, a child lives."""
     code = r"""
 import os, signal, subprocess, sys, time
-from p2o_hpc.cluster.preemption import StopSignal
+from p2o_hpc.trainer.preemption import StopSignal
 stop = StopSignal().install()
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
 os.kill(child.pid, signal.SIGUSR2)
@@ -163,10 +162,10 @@ def test_sigterm_stops_without_requeue():
 def test_summary_reports_each_point(tmp_path, capsys):
     from rich.console import Console
 
-    done, broken = tmp_path / "a=1", tmp_path / "a=2"
-    done.mkdir(), broken.mkdir()
-    (done / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5, "hard/size": 3}) + "\n"
-                                        + json.dumps({"step": 2, "reward/mean": 0.75}) + "\n")
+    done, broken = RunDir(tmp_path / "a=1"), RunDir(tmp_path / "a=2")
+    done.path.mkdir(), broken.path.mkdir()
+    done.metrics.write_text(json.dumps({"step": 1, "reward/mean": 0.5, "hard/size": 3}) + "\n"
+                            + json.dumps({"step": 2, "reward/mean": 0.75}) + '\n{"step": 3, "rew')  # killed mid-write
     handles = [RunHandle("a=1", done, RunConfig(), state="COMPLETED"),
                RunHandle("a=2", broken, RunConfig(), state="FAILED", error="ValueError: boom")]
     assert not report(handles, Console(width=200), summary_dir=tmp_path)
@@ -181,7 +180,7 @@ def test_resume_refuses_config_changes(tmp_path):
     run_dir.mkdir()
     result = launch(f"resume={run_dir}", "algorithm.lr=1e-3")
     assert result.returncode != 0 and "config.yaml does not exist" in result.stderr
-    (run_dir / "config.yaml").write_text("model:\n  path: tiny\n")
+    RunDir(run_dir).config.write_text("model:\n  path: tiny\n")
     result = launch(f"resume={run_dir}", "algorithm.lr=1e-3")
     assert result.returncode != 0 and "['algorithm.lr=1e-3']" in result.stderr and "only cluster=" in result.stderr
 
@@ -215,10 +214,12 @@ def test_every_preset_composes_and_validates(group, name):
 
 def test_a_live_learner_keeps_others_out_of_its_run_dir(tmp_path):
     from p2o_hpc.cluster.runs import prepare_run_dir
-    from p2o_hpc.lease import LEARNER_LEASE
 
-    with Lease(tmp_path / LEARNER_LEASE, role="learner"):
+    run_dir = RunDir(tmp_path)
+    run_dir.mark_finished()  # of an earlier launch
+    with run_dir.learner_lease():
         with pytest.raises(RuntimeError, match="a learner is already writing this run dir"):
-            prepare_run_dir(RunConfig(), tmp_path, overrides=[])
-    prepare_run_dir(RunConfig(), tmp_path, overrides=["a=1"])  # released: free again
-    assert (tmp_path / "config.yaml").exists() and "a=1" in (tmp_path / "overrides.yaml").read_text()
+            prepare_run_dir(RunConfig(), run_dir, overrides=[])
+    prepare_run_dir(RunConfig(), run_dir, overrides=["a=1"])  # released: free again
+    assert "a=1" in run_dir.overrides.read_text() and not run_dir.finished()
+    assert run_dir.load_config() == RunConfig()

@@ -4,7 +4,8 @@ import pytest
 from transformers import LlamaConfig, MistralConfig, Qwen3Config
 
 from p2o_hpc.megatron.model_provider import read_hf_architecture
-from p2o_hpc.megatron.training import OptimSettings, build_learner, uses_torch_adamw_fallback
+from p2o_hpc.config import AlgorithmConfig
+from p2o_hpc.megatron.training import LRSchedule, build_learner, uses_torch_adamw_fallback
 
 
 def test_unsupported_model_type_is_named():
@@ -28,4 +29,5 @@ def test_distributed_optimizer_on_adamw_fallback_is_refused():
     assert uses_torch_adamw_fallback()  # no TE/Apex on this machine
     arch = read_hf_architecture(Qwen3Config())
     with pytest.raises(ValueError, match="use_distributed_optimizer"):
-        build_learner(arch, None, OptimSettings(use_distributed_optimizer=True))
+        build_learner(arch, None, AlgorithmConfig(), LRSchedule(warmup_steps=0, total_steps=1),
+                      use_distributed_optimizer=True)

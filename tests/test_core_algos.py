@@ -122,7 +122,8 @@ def test_log_ratio_is_clamped_like_verl():
 def test_cd_masked_tokens_stay_in_the_token_mean_denominator(monkeypatch):
     """The authors' loss: pg_losses * template_ratio_mask, then token-mean over response_mask."""
     from p2o_hpc.algo import policy_loss
-    from p2o_hpc.algo.policy_loss import PolicyLossSettings, make_policy_loss_fn
+    from p2o_hpc.algo.policy_loss import make_policy_loss_fn
+    from p2o_hpc.config import AlgorithmConfig
 
     # megatron's vocab-parallel log-probs need a process group; at TP1 they are the plain log-softmax.
     monkeypatch.setattr(policy_loss, "next_token_logprobs", lambda logits, ids, vocab: torch.log_softmax(
@@ -138,7 +139,7 @@ def test_cd_masked_tokens_stay_in_the_token_mean_denominator(monkeypatch):
         "advantages": torch.tensor([2.0]),
         "cd_weight": torch.tensor([[1.0, 0.0, 1.0]]),  # the 2nd response target is CD-masked
     }
-    loss_fn = make_policy_loss_fn(vocab, PolicyLossSettings(dual_clip_c=3.0))
+    loss_fn = make_policy_loss_fn(vocab, AlgorithmConfig(dual_clip_c=3.0))
     summed, count, _ = loss_fn(batch, logits)
     # per-token loss -A·r = -2 on the 3 targets at positions 1..3; response targets are next-token positions 1, 2
     # (target_mask = response_mask[:, 1:] = [1, 1, 1]); the masked one contributes 0 but still counts.
@@ -151,7 +152,7 @@ def test_warmup_is_the_authors_share_of_the_run():
     step per optimizer step). The paper: 5,000 prompts / 128 = 39 steps an epoch × 5 epochs = 195 → 9 trainer
     steps = 18 optimizer steps at 2 mini-batches a step."""
     from p2o_hpc.config import AlgorithmConfig
-    from p2o_hpc.trainer.grpo_trainer import warmup_optimizer_steps
+    from p2o_hpc.trainer.learner_side import warmup_optimizer_steps
 
     algo = AlgorithmConfig()
     assert (algo.warmup_ratio, algo.warmup_steps, algo.weight_decay) == (0.05, 0, 0.01)

@@ -16,13 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from p2o_hpc.rollout.generator import (
-    Completion,
-    GeneratorDied,
-    GeneratorError,
-    GeneratorProcess,
-    SamplingSettings,
-)
+from p2o_hpc.rollout.generator import Completion, GeneratorDied, GeneratorError, SamplingSettings
+from p2o_hpc.rollout.generator_process import GeneratorProcess
 
 pytestmark = pytest.mark.vllm
 
@@ -169,7 +164,7 @@ def test_incomplete_or_unknown_update_is_refused(generator, hf_model):
     assert generator.prompt_logprobs([sequence])[0][1:] == before[1:]
 
 
-def test_update_weights_refits_and_resets_prefix_cache(generator, hf_model):
+def test_update_weights_takes_effect_and_resets_prefix_cache(generator, hf_model):
     prompt = random_prompts([300], seed=5)[0]  # several KV blocks, so the prefix cache holds it
     settings = SamplingSettings(n=1, temperature=0.6, max_tokens=8, seed=11)
     generator.generate([prompt], settings)  # fills the prefix cache with the old weights' KV
@@ -208,6 +203,13 @@ def test_sleep_and_wake_are_noops_on_cpu(generator):
     generator.sleep()
     generator.wake()
     assert len(generator.generate([[5, 6, 7]], SamplingSettings(n=1, max_tokens=2))[0]) == 1
+
+
+def test_only_interface_methods_reach_the_child(generator):
+    with pytest.raises(AttributeError, match="collective_rpc"):
+        generator.collective_rpc
+    with pytest.raises(AttributeError, match="_llm"):
+        generator._llm
 
 
 def test_killed_child_raises_instead_of_hanging(generator):

@@ -25,6 +25,7 @@ from p2o_hpc.gepa import (
     parse_proposal,
     select_parents,
 )
+from p2o_hpc.config import GEPAConfig
 from p2o_hpc.gepa.evolve import split_hard_set
 from p2o_hpc.gepa.reflection_prompt import (
     FORMAT_ERROR_MARK,
@@ -399,9 +400,12 @@ def hard_items(n=60):
     return [HardItem(f"q{i}", f"question {i}?", str(i)) for i in range(n)]
 
 
+K = 6  # templates per hard sample
+
+
 def settings(**kw):
     base = dict(min_hard=10, dev_size=25, minibatch_size=3, num_parents=4, max_metric_calls=800, seed=0)
-    return GEPASettings(**{**base, **kw})
+    return GEPASettings(GEPAConfig(**{**base, **kw}), templates_per_sample=K)
 
 
 def run_engine(tmp_path=None, evaluator=None, propose=fake_propose, items=None, **kw):
@@ -436,7 +440,7 @@ def test_engine_budget_accounting_and_strict_acceptance():
         assert 0 <= p["parent"] < p["index"]
     assert out["pool"][0]["template"] == "" and out["pool"][0]["parent"] is None
     for hid, texts in out["assignments"].items():
-        assert len(texts) == GEPASettings.templates_per_sample and set(texts) <= pool_templates
+        assert len(texts) == K and set(texts) <= pool_templates
 
 
 def test_engine_deterministic_and_seed_sensitive():

@@ -15,6 +15,7 @@ import pytest
 from test_grpo_loop import launch, metrics
 
 from p2o_hpc.paths import REPO_ROOT
+from p2o_hpc.run_dir import RunDir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.multiproc]
 
@@ -37,11 +38,10 @@ def p2o_overrides(data: Path, mode: str) -> list[str]:
     ]
 
 
-def check_round(run_dir: Path, rows: list[dict]) -> dict:
-    epoch = run_dir / "epochs" / "0"
-    assert (epoch / "DONE").exists() and (epoch / "READY").exists() == (epoch / "policy").is_dir()
-    document = json.loads((epoch / "templates.json").read_text())
-    hard_ids = {json.loads(line)["prompt_id"] for line in (epoch / "hard_set.jsonl").read_text().splitlines()}
+def check_round(run_dir: RunDir, rows: list[dict]) -> dict:
+    assert run_dir.done(0) and run_dir.ready(0) == run_dir.policy(0).is_dir()
+    document = run_dir.read_templates(0)
+    hard_ids = {row["prompt_id"] for row in run_dir.read_hard_set(0)}
     assert document["pool"][0]["template"] == "" and document["budget"]["used"] <= document["budget"]["total"] == 24
     assert document["counters"]["proposed"] >= 1  # the reference server answered reflection requests
     assert document["assignments"] and set(document["assignments"]) <= hard_ids
@@ -57,41 +57,40 @@ def check_round(run_dir: Path, rows: list[dict]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def service_run(tmp_path_factory, sanity_data) -> Path:
+def service_run(tmp_path_factory, sanity_data) -> RunDir:
     run_dir = tmp_path_factory.mktemp("service") / "run"
     launch(run_dir, *p2o_overrides(sanity_data, "service"))
-    return run_dir
+    return RunDir(run_dir)
 
 
 def test_p2o_with_the_gepa_service_as_its_own_process(service_run):
     run_dir = service_run
-    rows = metrics(run_dir)
+    rows = metrics(run_dir.path)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     check_round(run_dir, rows)
-    assert rows[1]["reflection/requests"] >= json.loads((run_dir / "epochs/0/templates.json").read_text())[
-        "counters"]["proposed"]  # fmt: skip
-    assert (run_dir / "FINISHED").exists() and not (run_dir / "gepa_service.lease").exists()
-    assert "GEPA: epoch 0 done" in (run_dir / "logs" / "gepa_service.log").read_text()
-    assert not (run_dir / "epochs" / "1" / "READY").exists()  # no round after the last epoch
+    assert rows[1]["reflection/requests"] >= run_dir.read_templates(0)["counters"]["proposed"]
+    assert run_dir.finished() and not run_dir.service_lease().path.exists()
+    assert "GEPA: epoch 0 done" in (run_dir.logs / "gepa_service.log").read_text()
+    assert not run_dir.ready(1)  # no round after the last epoch
 
 
 def test_p2o_with_gepa_inline(tmp_path, sanity_data):
-    run_dir = tmp_path / "run"
-    launch(run_dir, *p2o_overrides(sanity_data, "inline"))
-    rows = metrics(run_dir)
+    run_dir = RunDir(tmp_path / "run")
+    launch(run_dir.path, *p2o_overrides(sanity_data, "inline"))
+    rows = metrics(run_dir.path)
     document = check_round(run_dir, rows)
     assert rows[1]["reflection/requests"] >= document["counters"]["proposed"]
-    assert not (run_dir / "epochs" / "0" / "policy").exists()  # inline evaluates the learner's own engine
+    assert not run_dir.policy(0).exists()  # inline evaluates the learner's own engine
 
 
-def _service(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "p2o_hpc.gepa.service", "--run-dir", str(run_dir)], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def _service(run_dir: RunDir) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "p2o_hpc.gepa.service", "--run-dir", str(run_dir.path)],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-def _wait_for_lease(run_dir: Path, pid: int, timeout: float = 60.0) -> None:
-    lease = run_dir / "gepa_service.lease"
+def _wait_for_lease(run_dir: RunDir, pid: int, timeout: float = 60.0) -> None:
+    lease = run_dir.service_lease().path
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if lease.exists() and json.loads(lease.read_text() or "{}").get("pid") == pid:
@@ -101,9 +100,9 @@ def _wait_for_lease(run_dir: Path, pid: int, timeout: float = 60.0) -> None:
 
 
 def test_one_service_per_run_and_a_dead_ones_lease_is_taken_over(tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "config.yaml").write_text("algorithm:\n  p2o:\n    enabled: true\ngepa:\n  poll_s: 0.2\n")
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.path.mkdir()
+    run_dir.config.write_text("algorithm:\n  p2o:\n    enabled: true\ngepa:\n  poll_s: 0.2\n")
     first = _service(run_dir)  # waits for an epoch's READY that never comes
     try:
         _wait_for_lease(run_dir, first.pid)
@@ -114,30 +113,30 @@ def test_one_service_per_run_and_a_dead_ones_lease_is_taken_over(tmp_path):
         first.wait(timeout=30)
         third = _service(run_dir)
         _wait_for_lease(run_dir, third.pid)  # a dead holder's lease is taken over
-        (run_dir / "FINISHED").touch()
+        run_dir.mark_finished()
         third.communicate(timeout=120)
-        assert third.returncode == 0 and not (run_dir / "gepa_service.lease").exists()
+        assert third.returncode == 0 and not run_dir.service_lease().path.exists()
     finally:
         for process in (first,):
             if process.poll() is None:
                 process.kill()
 
 
-def _copy_round_inputs(source: Path, target: Path) -> Path:
+def _copy_round_inputs(source: RunDir, target: RunDir) -> RunDir:
     """What the learner hands the service for epoch 0 (config, hard set, exported policy, READY) and FINISHED."""
     import shutil
 
-    (target / "epochs" / "0").mkdir(parents=True)
-    shutil.copy(source / "config.yaml", target / "config.yaml")
-    for name in ("hard_set.jsonl", "READY"):
-        shutil.copy(source / "epochs" / "0" / name, target / "epochs" / "0" / name)
-    shutil.copytree(source / "epochs" / "0" / "policy", target / "epochs" / "0" / "policy")
-    (target / "FINISHED").touch()  # the service stops after the rounds that are ready
+    target.epoch(0).mkdir(parents=True)
+    shutil.copy(source.config, target.config)
+    target.write_hard_set(0, source.read_hard_set(0))
+    shutil.copytree(source.policy(0), target.policy(0))
+    target.mark_ready(0)
+    target.mark_finished()  # the service stops after the rounds that are ready
     return target
 
 
-def _round_result(run_dir: Path) -> dict:
-    document = json.loads((run_dir / "epochs" / "0" / "templates.json").read_text())
+def _round_result(run_dir: RunDir) -> dict:
+    document = run_dir.read_templates(0)
     return {key: document[key] for key in ("pool", "dev_ids", "cover", "assignments", "budget", "counters")}
 
 
@@ -147,9 +146,9 @@ def test_killed_service_resumes_to_the_same_result(tmp_path, service_run):
     expected = _round_result(service_run)
     assert expected["counters"]["parent_steps"] >= 2
 
-    killed = _copy_round_inputs(service_run, tmp_path / "killed")
+    killed = _copy_round_inputs(service_run, RunDir(tmp_path / "killed"))
     service = _service(killed)
-    state = killed / "epochs" / "0" / "gepa_state.json"
+    state = killed.gepa_state(0)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and service.poll() is None:
         if state.exists() and json.loads(state.read_text())["counters"]["parent_steps"] >= 1:
@@ -160,7 +159,7 @@ def test_killed_service_resumes_to_the_same_result(tmp_path, service_run):
     assert not saved["finished"] and saved["budget"]["used"] < expected["budget"]["used"]
     service.send_signal(signal.SIGKILL)
     service.wait(timeout=30)
-    assert not (killed / "epochs" / "0" / "DONE").exists()
+    assert not killed.done(0)
 
     restarted = _service(killed)  # takes over the dead instance's lease and resumes the round
     out, err = restarted.communicate(timeout=600)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import mp_workers
 from p2o_hpc.megatron.checkpointing import COMPLETE_MARKER, latest_checkpoint
 from p2o_hpc.megatron.distributed import launch_local
+from p2o_hpc.megatron.training import ADAM_BETA1, ADAM_BETA2, ADAM_EPS
 
 pytestmark = pytest.mark.multiproc
 
@@ -55,7 +56,7 @@ def _reference_step(hf_dir: Path) -> tuple[float, dict[str, torch.Tensor]]:
     no_decay = [p for p in params if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr, betas=(settings.adam_beta1, settings.adam_beta2), eps=settings.adam_eps,
+        lr=settings.lr, betas=(ADAM_BETA1, ADAM_BETA2), eps=ADAM_EPS,
     )
     optimizer.step()
     return grad_norm, {name: p.detach() for name, p in model.state_dict().items()}

@@ -6,17 +6,12 @@ import math
 import pytest
 import torch
 
-from p2o_hpc.algo.context_distillation import cd_token_weights
-from p2o_hpc.p2o.templates import (
-    TemplateRejected,
-    apply_template,
-    check_template,
-    load_assignments,
-    rejection_reason,
-    rollout_templates,
-    templates_path,
-)
-from p2o_hpc.trainer.rollout_batch import Rollout, collate, generation_micro_batch, response_slice
+from p2o_hpc.algo.context_distillation import cd_token_weights, micro_batch_cd_weights
+from p2o_hpc.algo.rollout_batch import collate, generation_micro_batch, response_slice
+from p2o_hpc.data.evolved_templates import TemplateRejected, apply_template, check_template, rejection_reason
+from p2o_hpc.p2o.hooks import rollout_templates
+from p2o_hpc.records import Rollout
+from p2o_hpc.run_dir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +84,36 @@ def test_distilled_rollout_trains_on_the_original_prompt():
 
 
 def test_assignments_file_errors_name_the_file(tmp_path):
-    path = templates_path(tmp_path, 3)
+    run_dir = RunDir(tmp_path)
+    path = run_dir.templates(3)
     with pytest.raises(FileNotFoundError, match="epochs/3/templates.json"):
-        load_assignments(tmp_path, 3)
+        run_dir.load_assignments(3)
     path.parent.mkdir(parents=True)
     path.write_text("{broken")
     with pytest.raises(ValueError, match="templates.json: not JSON"):
-        load_assignments(tmp_path, 3)
+        run_dir.load_assignments(3)
     path.write_text(json.dumps({"assignments": {"p1": []}}))
     with pytest.raises(ValueError, match=r"assignments\['p1'\]"):
-        load_assignments(tmp_path, 3)
+        run_dir.load_assignments(3)
     path.write_text(json.dumps({"assignments": {"p1": ["", "Try small n."]}}))
-    assert load_assignments(tmp_path, 3) == {"p1": ["", "Try small n."]}
+    assert run_dir.load_assignments(3) == {"p1": ["", "Try small n."]}
+
+
+def test_cd_weights_of_a_micro_batch_touch_only_distilled_response_tokens():
+    """Without megatron: rows of plain rollouts and prompt positions keep weight 1; a distilled response's tokens
+    get the hard mask of π(y|x)/π(y|x̃), read at their offsets in each layout."""
+    x, x_tilde, y = [5, 6, 7], [9, 9, 5, 6, 7], [20, 21, 22]
+    rollouts = [Rollout(0, x, y, None, "stop", "", template="hint", generation_prompt_ids=x_tilde),
+                Rollout(0, x, y, None, "stop", "")]
+    batch = collate(rollouts, [0, 1], torch.tensor([1.0, -1.0]), pad_id=0)
+    old = torch.full((2, len(x + y) - 1), -1.0)  # log π(y|x): row 0's response sits at positions 2..4
+    templated = torch.full((2, len(x_tilde + y) - 1), -1.0)  # log π(y|x̃): row 0's response at 4..6
+    templated[0, 4:7] = torch.tensor([-1.0, -1.0 - math.log(50.0), -1.0 + math.log(200.0)])  # ratio 1, 50, 1/200
+    batch["old_logprobs"] = old
+    weights, ratios, kept = micro_batch_cd_weights(rollouts, batch, templated, low=0.99, high=9.0, mode="hard")
+    assert weights[0].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]  # [0.01, 10] keeps ratio 1, drops 50 and 1/200
+    assert weights[1].tolist() == [1.0] * 5
+    assert ratios.tolist() == pytest.approx([1.0, 50.0, 0.005], rel=1e-5)
+    assert kept.tolist() == [1.0, 0.0, 0.0]
+    soft, _, _ = micro_batch_cd_weights(rollouts, batch, templated, low=0.99, high=9.0, mode="soft")
+    assert soft[0, 2:].tolist() == pytest.approx([1.0, 10.0 / 50.0, 0.01 / 0.005], rel=1e-5)

@@ -4,15 +4,13 @@ as the GEPA service would write it."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 from test_grpo_loop import launch, metrics
 
 from p2o_hpc.data import load_named
-from p2o_hpc.io_utils import atomic_write_text
-from p2o_hpc.p2o.templates import templates_path
+from p2o_hpc.run_dir import RunDir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.multiproc]
 
@@ -21,9 +19,7 @@ DRAWS = ["Work carefully.", "List what is given first.", "Work carefully.", "<|i
 
 def write_templates(run_dir, epoch: int) -> None:
     ids = [problem.id for problem in load_named("math500")[:8]]  # the smoke experiment's prompts
-    path = templates_path(run_dir, epoch)
-    atomic_write_text(path, json.dumps({"assignments": {prompt_id: DRAWS for prompt_id in ids}}))
-    (path.parent / "DONE").touch()
+    RunDir(run_dir).publish_templates(epoch, {"assignments": {prompt_id: DRAWS for prompt_id in ids}})
 
 
 @pytest.mark.parametrize(("algorithm", "parallel"), [("p2o", "tp2"), ("p2o", "pp2"), ("p2o_no_cd", "tp1")])

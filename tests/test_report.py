@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from p2o_hpc.run_dir import RunDir
 from p2o_hpc.trainer.report import main, read_metrics, write_report
 
 
@@ -20,11 +21,12 @@ def fake_rows(steps: int) -> list[dict]:
 
 
 def test_png_and_table_from_a_killed_runs_metrics(tmp_path, capsys):
+    run_dir = RunDir(tmp_path)
     lines = [json.dumps(row) for row in fake_rows(8)]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 9, "rew')  # cut off mid-write
-    assert [row["step"] for row in read_metrics(tmp_path)] == list(range(1, 9))
+    run_dir.metrics.write_text("\n".join(lines) + '\n{"step": 9, "rew')  # cut off mid-write
+    assert [row["step"] for row in read_metrics(run_dir)] == list(range(1, 9))
     assert main([str(tmp_path)]) == 0
-    png = (tmp_path / "plots" / "training.png").read_bytes()
+    png = (run_dir.plots / "training.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
     assert "reward/mean" in capsys.readouterr().out
 
@@ -32,9 +34,10 @@ def test_png_and_table_from_a_killed_runs_metrics(tmp_path, capsys):
 def test_broken_line_inside_the_file_names_file_and_line(tmp_path):
     rows = [json.dumps(row) for row in fake_rows(3)]
     rows[1] = "{not json"
-    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not JSON"):
-        write_report(tmp_path)
+    run_dir = RunDir(tmp_path)
+    run_dir.metrics.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=rf"{run_dir.metrics.name}:2: not JSON"):
+        write_report(run_dir)
 
 
 def test_missing_run_dir_is_a_clear_error(tmp_path, capsys):

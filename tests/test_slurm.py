@@ -18,6 +18,7 @@ import pytest
 import submitit
 
 from p2o_hpc.paths import REPO_ROOT
+from p2o_hpc.run_dir import RunDir
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.multiproc]
 
@@ -46,8 +47,12 @@ def queued_jobs() -> list[str]:
     return out.stdout.split()
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def metrics(run_dir: RunDir) -> list[dict]:
+    return [json.loads(line) for line in run_dir.metrics.read_text().splitlines()]
+
+
+def jobs(run_dir: RunDir) -> dict:
+    return json.loads(run_dir.jobs.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +104,16 @@ def test_bad_override_fails_before_submission(slurm_cluster, tmp_path):
 def test_two_nodes_two_ranks_each(slurm_cluster, tmp_path):
     """TP=2 × DP=2: step 1 as 4 local processes, then `resume=` on SLURM over 2 nodes × 2 tasks: ranks on both
     nodes, TP inside a node, DP across, and the run continues from the local checkpoint with step 2."""
-    run_dir = tmp_path / "run"
+    run_dir = RunDir(tmp_path / "run")
     first = launch("experiment=smoke", "parallel.tensor=2", "parallel.data=2", "trainer.stop_after_steps=1",
-                   "logging=none", f"hydra.run.dir={run_dir}")
+                   "logging=none", f"hydra.run.dir={run_dir.path}")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    result = launch(f"resume={run_dir}", *SLURM[:2], "parallel.nodes=2")
+    result = launch(f"resume={run_dir.path}", *SLURM[:2], "parallel.nodes=2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "slurm" in (run_dir / "config.yaml").read_text() and "trainer.stop_after_steps=1" in (
-        run_dir / "overrides.yaml").read_text()  # the original overrides are kept
-    job_id = json.loads((run_dir / "jobs.json").read_text())["learner"]
-    placements = submitit.SlurmJob(run_dir / "slurm", job_id, tasks=range(4)).results()
+    assert "slurm" in run_dir.config.read_text()
+    assert "trainer.stop_after_steps=1" in run_dir.overrides.read_text()  # the original overrides are kept
+    job_id = jobs(run_dir)["learner"]
+    placements = submitit.SlurmJob(run_dir.submitit("slurm"), job_id, tasks=range(4)).results()
     by_rank = {p["rank"]: p for p in placements}
     assert [by_rank[r]["host"] for r in range(4)] == ["node1", "node1", "node2", "node2"]
     assert [by_rank[r]["local_rank"] for r in range(4)] == [0, 1, 0, 1]
@@ -116,7 +121,7 @@ def test_two_nodes_two_ranks_each(slurm_cluster, tmp_path):
     assert by_rank[0]["dp_group"] == [0, 2] and by_rank[3]["dp_group"] == [1, 3]
     assert all(p["pp_group"] == [p["rank"]] and p["step"] == 2 for p in placements)
     assert [row["step"] for row in metrics(run_dir)] == [1, 2]
-    log = (run_dir / "slurm" / f"{job_id}_0_log.out").read_text()
+    log = (run_dir.submitit("slurm") / f"{job_id}_0_log.out").read_text()
     assert "resumed from" in log and "at step 1" in log
 
 
@@ -128,18 +133,18 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path, sanity_data):
               "data.reward=early_substring", "rollout.max_response_tokens=8", "algorithm.max_steps=4",
               "algorithm.lr=2e-3", "trainer.save_every=100", "cluster.time_min=5", "cluster.max_num_timeout=3"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
-    procs = [subprocess.Popen([sys.executable, "-m", "p2o_hpc.launch", *common, f"hydra.run.dir={run_dir}"],
+    straight, preempted = RunDir(tmp_path / "straight"), RunDir(tmp_path / "preempted")
+    procs = [subprocess.Popen([sys.executable, "-m", "p2o_hpc.launch", *common, f"hydra.run.dir={run_dir.path}"],
                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for run_dir in (straight, preempted)]
     try:
         deadline = time.time() + 600
         while time.time() < deadline and procs[1].poll() is None:
-            if (preempted / "learner.lease").exists():  # the trainer is up (its signal handling too)
+            if preempted.learner_lease().path.exists():  # the trainer is up (its signal handling too)
                 break
             time.sleep(0.2)
-        job_id = json.loads((preempted / "jobs.json").read_text())["learner"]
-        submitit.SlurmJob(preempted / "slurm", job_id)._interrupt(timeout=True)  # scancel --signal USR2
+        job_id = jobs(preempted)["learner"]
+        submitit.SlurmJob(preempted.submitit("slurm"), job_id)._interrupt(timeout=True)  # scancel --signal USR2
         outputs = [proc.communicate(timeout=900) for proc in procs]
     finally:
         for proc in procs:
@@ -148,12 +153,12 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path, sanity_data):
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:] + err[-5000:]
 
-    log = "".join(path.read_text() for path in (preempted / "slurm").glob(f"{job_id}_0_log.*"))
+    log = "".join(path.read_text() for path in preempted.submitit("slurm").glob(f"{job_id}_0_log.*"))
     assert "caught SIGUSR2" in log and f"Requeued job {job_id}" in log, log[-3000:]
     assert "step 1: checkpoint before stopping (signal)" in log and "resumed from" in log and "at step 1" in log
     # Save-before-deadline: 5 min of walltime (read from squeue) is less than the 99 steps to the next regular
     # checkpoint, so the uninterrupted run checkpointed right after step 1.
-    straight_log = "".join(path.read_text() for path in (straight / "slurm").glob("*_0_log.out"))
+    straight_log = "".join(path.read_text() for path in straight.submitit("slurm").glob("*_0_log.out"))
     assert "step 1: checkpoint early" in straight_log, straight_log[-3000:]
     a, b = metrics(straight), metrics(preempted)
     assert [row["step"] for row in b] == [1, 2, 3, 4]  # the counter continued, nothing repeated
@@ -177,7 +182,7 @@ def test_runtime_failure_is_isolated(slurm_cluster, tmp_path, teacher):
     assert ok["state"] == "COMPLETED" and ok["step"] == 2
     assert failed["state"] == "FAILED" and "max_prompt_tokens" in failed["error"], failed
     assert "FAILED" in result.stdout and "ended FAILED" in result.stderr
-    service = json.loads((Path(failed["run_dir"]) / "jobs.json").read_text())["gepa_service"][0]
+    service = jobs(RunDir(failed["run_dir"]))["gepa_service"][0]
     assert sacct_state(service) == "CANCELLED"
 
 
@@ -196,11 +201,13 @@ def test_sweep_reflection_self_teacher(slurm_cluster, tmp_path, teacher):
     try:
         deadline = time.time() + 600
         while killed is None and time.time() < deadline and proc.poll() is None:
-            for jobs_file in sweep.glob("*reflection=self*/jobs.json"):
-                first = json.loads(jobs_file.read_text())["gepa_service"][0]
+            for point in sweep.glob("*reflection=self*"):
+                if not RunDir(point).jobs.exists():
+                    continue
+                first = jobs(RunDir(point))["gepa_service"][0]
                 if first in queued_jobs():
                     subprocess.run(["scancel", first], check=True)  # the service dies while its learner lives
-                    killed, self_dir = first, jobs_file.parent
+                    killed, self_dir = first, RunDir(point)
             time.sleep(1)
         out, err = proc.communicate(timeout=900)
     finally:
@@ -214,17 +221,16 @@ def test_sweep_reflection_self_teacher(slurm_cluster, tmp_path, teacher):
     assert {Path(row["run_dir"]).name for row in summary} == {p.name for p in sweep.iterdir() if p.is_dir()}
     assert "p2o_hpc runs" in out and "COMPLETED" in out
     for row in summary:
-        run_dir = Path(row["run_dir"])
+        run_dir = RunDir(row["run_dir"])
         assert [r["step"] for r in metrics(run_dir)] == [1, 2]
-        document = json.loads((run_dir / "epochs" / "0" / "templates.json").read_text())
-        assert document["counters"]["proposed"] >= 1  # the reflection endpoint answered
-        config = (run_dir / "config.yaml").read_text()
+        assert run_dir.read_templates(0)["counters"]["proposed"] >= 1  # the reflection endpoint answered
+        config = run_dir.config.read_text()
         assert ("kind: teacher" in config) == ("reflection=teacher" in run_dir.name)
-        jobs = json.loads((run_dir / "jobs.json").read_text())
-        assert sacct_state(jobs["learner"]) == "COMPLETED"
-        for service in jobs["gepa_service"]:
+        point_jobs = jobs(run_dir)
+        assert sacct_state(point_jobs["learner"]) == "COMPLETED"
+        for service in point_jobs["gepa_service"]:
             assert sacct_state(service) in ("COMPLETED", "CANCELLED"), service
             assert service not in queued_jobs()
-    self_jobs = json.loads((self_dir / "jobs.json").read_text())["gepa_service"]
+    self_jobs = jobs(self_dir)["gepa_service"]
     assert self_jobs[0] == killed and len(self_jobs) == 2  # resubmitted once
     assert (sweep.parent / "latest").resolve() == sweep.resolve()

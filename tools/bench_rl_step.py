@@ -12,7 +12,6 @@ reports that time over the measured step too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -51,6 +50,9 @@ def grade_real_step(items: int, samples_per_prompt: int) -> float:
 
 
 def main() -> int:
+    from p2o_hpc.run_dir import RunDir
+    from p2o_hpc.trainer.report import read_metrics
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. parallel=tp2")
@@ -73,7 +75,7 @@ def main() -> int:
         if result.returncode:
             console.print(result.stdout[-2000:], result.stderr[-4000:])
             return result.returncode
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(RunDir(run_dir))
 
     measured = rows[1:] or rows
     items = SETTINGS["prompts_per_step"] * SETTINGS["n_samples"]

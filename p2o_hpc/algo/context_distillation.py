@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from p2o_hpc.algo.rollout_batch import response_slice
+from p2o_hpc.records import Rollout
+
 CD_MASK_MODES = ("hard", "soft", "none")
 BOUND_RTOL = 1e-6
 
@@ -35,3 +38,29 @@ def cd_token_weights(
     else:
         weights = torch.ones_like(ratio)
     return weights.to(logprobs_plain.dtype), ratio.to(logprobs_plain.dtype)
+
+
+def micro_batch_cd_weights(rollouts: list[Rollout], micro_batch: dict, templated_logprobs: torch.Tensor, *,
+                           low: float, high: float, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss weights of one micro-batch (`cd_weight`, shaped like its `old_logprobs`: 1 except on distilled
+    response tokens) and, flat, the distilled tokens' ratios and weights.
+
+    `micro_batch["old_logprobs"]` holds log π(y|x) on the original prompts; `templated_logprobs` the same rows'
+    log π(y|x̃) on the prompts the generator saw (rollout_batch.generation_micro_batch), each response at its own
+    offset (response_slice).
+    """
+    plain_logprobs = micro_batch["old_logprobs"]
+    weights = torch.ones_like(plain_logprobs)
+    ratios, kept = [], []
+    for row, index in enumerate(micro_batch["rollout_index"].tolist()):
+        rollout = rollouts[index]
+        if not rollout.distilled:
+            continue
+        plain, seen = response_slice(rollout), response_slice(rollout, generation=True)
+        weight, ratio = cd_token_weights(plain_logprobs[row, plain], templated_logprobs[row, seen],
+                                         low=low, high=high, mode=mode)
+        weights[row, plain] = weight
+        ratios.append(ratio)
+        kept.append(weight)
+    empty = plain_logprobs.new_zeros(0)
+    return weights, torch.cat(ratios) if ratios else empty, torch.cat(kept) if kept else empty

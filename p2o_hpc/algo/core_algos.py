@@ -2,15 +2,21 @@
 
 Advantage estimators map per-sequence rewards of prompt groups to per-sequence advantages; policy losses map
 per-token log-probs to per-token losses; aggregators turn those into ``(summed_loss, normaliser)``, the pair
-megatron's per-token loss mode sums over micro-batches and DP ranks before dividing. P²O's variants register
-new entries here and are picked by name from the config.
+megatron's per-token loss mode sums over micro-batches and DP ranks before dividing.
+
+Each registry is keyed by the values of its config enum (p2o_hpc.choices, verl's AdvantageEstimator beside its
+registry): a new entry is a new enum member plus a function registered under it, and tests/test_config_schema.py
+fails when the two differ, so every name the config accepts has a function and a typo never reaches a job.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Callable
 
 import torch
+
+from p2o_hpc.choices import Advantage, KLPenalty, LossAgg, PolicyLoss
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
 POLICY_LOSSES: dict[str, Callable] = {}
@@ -18,11 +24,14 @@ KL_PENALTIES: dict[str, Callable] = {}
 LOSS_AGGREGATIONS: dict[str, Callable] = {}
 
 
-def _register(registry: dict[str, Callable], name: str):
+def _register(registry: dict[str, Callable], choice: type[StrEnum], name: str):
+    """Register under `name`, which must be a value of the config enum `choice` (ValueError otherwise)."""
+    key = choice(name).value
+
     def decorator(fn):
-        if name in registry:
-            raise ValueError(f"{name!r} is registered twice")
-        registry[name] = fn
+        if key in registry:
+            raise ValueError(f"{key!r} is registered twice")
+        registry[key] = fn
         return fn
 
     return decorator
@@ -34,35 +43,35 @@ def _lookup(registry: dict[str, Callable], kind: str, name: str) -> Callable:
     return registry[name]
 
 
-def register_advantage(name: str):
-    return _register(ADVANTAGE_ESTIMATORS, name)
+def register_advantage(name: Advantage):
+    return _register(ADVANTAGE_ESTIMATORS, Advantage, name)
 
 
-def register_policy_loss(name: str):
-    return _register(POLICY_LOSSES, name)
+def register_policy_loss(name: PolicyLoss):
+    return _register(POLICY_LOSSES, PolicyLoss, name)
 
 
-def register_kl(name: str):
-    return _register(KL_PENALTIES, name)
+def register_kl(name: KLPenalty):
+    return _register(KL_PENALTIES, KLPenalty, name)
 
 
-def register_aggregation(name: str):
-    return _register(LOSS_AGGREGATIONS, name)
+def register_aggregation(name: LossAgg):
+    return _register(LOSS_AGGREGATIONS, LossAgg, name)
 
 
-def get_advantage_estimator(name: str) -> Callable:
+def get_advantage_estimator(name: Advantage) -> Callable:
     return _lookup(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
 
 
-def get_policy_loss(name: str) -> Callable:
+def get_policy_loss(name: PolicyLoss) -> Callable:
     return _lookup(POLICY_LOSSES, "policy loss", name)
 
 
-def get_kl_penalty(name: str) -> Callable:
+def get_kl_penalty(name: KLPenalty) -> Callable:
     return _lookup(KL_PENALTIES, "KL penalty", name)
 
 
-def get_aggregation(name: str) -> Callable:
+def get_aggregation(name: LossAgg) -> Callable:
     return _lookup(LOSS_AGGREGATIONS, "loss aggregation", name)
 
 
@@ -85,7 +94,7 @@ def _group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):
     return means[inverse], stds[inverse], (lows == highs)[inverse]
 
 
-@register_advantage("grpo")
+@register_advantage(Advantage.grpo)
 def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
     """(r − mean_group) / (std_group + eps); exactly 0 for constant groups (all-fail / all-pass: no signal)."""
     means, stds, constant = _group_stats(rewards, group_ids)
@@ -93,7 +102,7 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, eps: floa
     return torch.where(constant, torch.zeros_like(advantages), advantages).float()
 
 
-@register_advantage("grpo_no_std")
+@register_advantage(Advantage.grpo_no_std)
 def grpo_mean_centred_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
     """r − mean_group (Dr. GRPO): no division by the group std, so easy/hard groups are not up-weighted."""
     means, _, constant = _group_stats(rewards, group_ids)
@@ -104,7 +113,7 @@ def grpo_mean_centred_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
 # ---------------------------------------------------------------------------------------------- policy loss
 
 
-@register_policy_loss("ppo_clip")
+@register_policy_loss(PolicyLoss.ppo_clip)
 def ppo_clip_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -133,14 +142,14 @@ def ppo_clip_loss(
 # ---------------------------------------------------------------------------------------------------- KL
 
 
-@register_kl("low_var_kl")
+@register_kl(KLPenalty.low_var_kl)
 def low_var_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(π‖π_ref): non-negative, unbiased, low variance (GRPO paper); clamped as verl."""
     log_ratio = (ref_logprobs - logprobs).clamp(-20, 20)
     return (torch.exp(log_ratio) - log_ratio - 1).clamp(-10, 10)
 
 
-@register_kl("k1")
+@register_kl(KLPenalty.k1)
 def k1_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return logprobs - ref_logprobs
 
@@ -148,13 +157,13 @@ def k1_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ aggregation
 
 
-@register_aggregation("token-mean")
+@register_aggregation(LossAgg["token-mean"])
 def token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every response token of the global batch weighs the same (the paper's / DAPO's choice)."""
     return (per_token * mask).sum(), mask.sum()
 
 
-@register_aggregation("seq-mean-token-mean")
+@register_aggregation(LossAgg["seq-mean-token-mean"])
 def seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over tokens within a sequence, then over sequences (original GRPO): normaliser = #sequences."""
     lengths = mask.sum(dim=-1)

@@ -13,23 +13,11 @@ loss (verl core_algos.compute_policy_loss: `pg_losses * template_ratio_mask`, th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from p2o_hpc.algo.core_algos import get_aggregation, get_kl_penalty, get_policy_loss
+from p2o_hpc.config import AlgorithmConfig
 from p2o_hpc.megatron.forward import next_token_logprobs
-
-
-@dataclass(frozen=True)
-class PolicyLossSettings:
-    policy_loss: str = "ppo_clip"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip_c: float | None = None
-    loss_agg: str = "token-mean"
-    kl_coef: float = 0.0
-    kl_penalty: str = "low_var_kl"
 
 
 def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -37,26 +25,27 @@ def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["response_mask"][:, 1:].float()
 
 
-def make_policy_loss_fn(vocab_size: int, settings: PolicyLossSettings):
-    """A `training.LossFn`: returns (summed loss, normaliser, summed metrics) for one micro-batch."""
-    policy_loss = get_policy_loss(settings.policy_loss)
-    aggregate = get_aggregation(settings.loss_agg)
-    kl_penalty = get_kl_penalty(settings.kl_penalty) if settings.kl_coef > 0 else None
+def make_policy_loss_fn(vocab_size: int, algo: AlgorithmConfig):
+    """A `training.LossFn` for algorithm.* (policy_loss, clip_low/high, dual_clip_c, loss_agg, kl_coef,
+    kl_penalty): returns (summed loss, normaliser, summed metrics) for one micro-batch."""
+    policy_loss = get_policy_loss(algo.policy_loss)
+    aggregate = get_aggregation(algo.loss_agg)
+    kl_penalty = get_kl_penalty(algo.kl_penalty) if algo.kl_coef > 0 else None
 
     def loss_fn(batch, logits_shard):
         logprobs = next_token_logprobs(logits_shard, batch["input_ids"], vocab_size)
         mask = target_mask(batch)
         advantages = batch["advantages"].float()[:, None].expand_as(logprobs)
         per_token, clipped = policy_loss(
-            logprobs, batch["old_logprobs"], advantages, clip_low=settings.clip_low, clip_high=settings.clip_high,
-            dual_clip_c=settings.dual_clip_c,
+            logprobs, batch["old_logprobs"], advantages, clip_low=algo.clip_low, clip_high=algo.clip_high,
+            dual_clip_c=algo.dual_clip_c,
         )
         if "cd_weight" in batch:
             per_token = per_token * batch["cd_weight"].float()
         metrics = {}
         if kl_penalty is not None:
             kl = kl_penalty(logprobs, batch["ref_logprobs"])
-            per_token = per_token + settings.kl_coef * kl
+            per_token = per_token + algo.kl_coef * kl
             metrics["kl"] = aggregate(kl.detach(), mask)[0]
         summed, normaliser = aggregate(per_token, mask)
         metrics["clip_frac"] = aggregate(clipped, mask)[0]

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from p2o_hpc.config import RunConfig
 from p2o_hpc.io_utils import atomic_write_text
-from p2o_hpc.lease import LEARNER_LEASE, Lease
+from p2o_hpc.run_dir import RunDir
+from p2o_hpc.trainer.report import read_metrics
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 SERVICE_GRACE_S = 60.0  # after the learner completed, the service gets this long to end by itself on FINISHED
@@ -30,7 +30,7 @@ SERVICE_GRACE_S = 60.0  # after the learner completed, the service gets this lon
 @dataclass
 class RunHandle:
     name: str
-    run_dir: Path
+    run_dir: RunDir
     cfg: RunConfig
     learner: object = None  # submitit.Job (slurm)
     service: object = None
@@ -59,17 +59,14 @@ def preflight(cfg: RunConfig) -> None:
         raise FileNotFoundError(f"data.train={data}: no such file")
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, *, overrides: Optional[list[str]]) -> None:
+def prepare_run_dir(cfg: RunConfig, run_dir: RunDir, *, overrides: Optional[list[str]]) -> None:
     """The resolved config (what the jobs read) and the overrides that made it, before anything starts."""
-    holder = Lease(run_dir / LEARNER_LEASE).live_holder()
+    holder = run_dir.learner_lease().live_holder()
     if holder is not None:
-        raise RuntimeError(f"{run_dir}: a learner is already writing this run dir (host {holder.get('host')}, "
+        raise RuntimeError(f"{run_dir.path}: a learner is already writing this run dir (host {holder.get('host')}, "
                            f"pid {holder.get('pid')}); two jobs never share a run dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    if overrides is not None:
-        atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-    (run_dir / "FINISHED").unlink(missing_ok=True)
+    run_dir.write_config(cfg, overrides)
+    run_dir.clear_finished()
 
 
 def point_latest(link_parent: Path, target: Path) -> None:
@@ -85,7 +82,7 @@ def point_latest(link_parent: Path, target: Path) -> None:
 
 def run_locally(handle: RunHandle, model_dir: str) -> None:
     """In this process (ranks as local processes, the service beside them); an error is recorded, not raised."""
-    from p2o_hpc.launch import run_local
+    from p2o_hpc.cluster.local_run import run_local
 
     handle.state = "RUNNING"
     try:
@@ -96,7 +93,7 @@ def run_locally(handle: RunHandle, model_dir: str) -> None:
             raise
         handle.state = "FAILED"
         handle.error = f"{type(error).__name__}: {error}"
-        atomic_write_text(handle.run_dir / "error.txt", traceback.format_exc())
+        atomic_write_text(handle.run_dir.error, traceback.format_exc())
 
 
 # ------------------------------------------------------------------------------------------------- SLURM runs
@@ -128,7 +125,7 @@ def submit_to_slurm(handle: RunHandle, model_dir: str) -> bool:
 
 
 def _write_jobs(handle: RunHandle) -> None:
-    atomic_write_text(handle.run_dir / "jobs.json", json.dumps(
+    atomic_write_text(handle.run_dir.jobs, json.dumps(
         {"learner": handle.learner.job_id, "gepa_service": handle.service_jobs}, indent=1))
 
 
@@ -151,7 +148,7 @@ def poll_slurm(handle: RunHandle, console: Console) -> None:
     # A service that ended by itself (COMPLETED: it saw FINISHED, just before the learner's job ended) or that
     # reported a failure (the learner stops with that cause) is not restarted; one that died is.
     died = service_state in TERMINAL and service_state != "COMPLETED"
-    ended_on_purpose = (handle.run_dir / "FINISHED").exists() or (handle.run_dir / "gepa_service.failed").exists()
+    ended_on_purpose = handle.run_dir.finished() or handle.run_dir.service_failure() is not None
     if learner_alive and died and not ended_on_purpose:
         if len(handle.service_jobs) <= handle.cfg.gepa.max_restarts:
             console.print(f"[yellow]{handle.name}: GEPA service job {handle.service.job_id} ended ({service_state}) "
@@ -204,14 +201,13 @@ def launcher_console() -> Console:
     return console if console.is_terminal else Console(width=200)
 
 
-def final_metrics(run_dir: Path) -> dict:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+def final_metrics(run_dir: RunDir) -> dict:
+    """The last value of every metric (also of a run killed mid-write); {} before the first step."""
+    if not run_dir.metrics.exists():
         return {}
     last = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            last.update(json.loads(line))  # later rows win; epoch-end keys (hard/size) survive
+    for row in read_metrics(run_dir):
+        last.update(row)  # later rows win; epoch-end keys (hard/size) survive
     return last
 
 
@@ -227,14 +223,14 @@ def summary_rows(handles: list[RunHandle]) -> list[dict]:
             "step": metrics.get("step"),
             "reward": metrics.get("reward/mean"),
             "hard": metrics.get("hard/size"),
-            "run_dir": str(handle.run_dir),
+            "run_dir": str(handle.run_dir.path),
             "error": handle.error,
         })
     return rows
 
 
 def summary_table(handles: list[RunHandle], *, live: bool = False) -> Table:
-    parents = {str(handle.run_dir.parent) for handle in handles}
+    parents = {str(handle.run_dir.path.parent) for handle in handles}
     table = Table(title=None if live else f"p2o_hpc runs in {', '.join(sorted(parents))}")
     for column in ("point", "learner job", "GEPA jobs", "state", "step", "reward/mean", "hard"):
         table.add_column(column, overflow="fold")
@@ -252,7 +248,7 @@ def report(handles: list[RunHandle], console: Console, summary_dir: Optional[Pat
     console.print(summary_table(handles))
     for handle in handles:
         if handle.state != "COMPLETED":
-            console.print(f"[red]{handle.name}: {handle.state}[/red] {handle.error} (logs: {handle.run_dir})")
+            console.print(f"[red]{handle.name}: {handle.state}[/red] {handle.error} (logs: {handle.run_dir.path})")
     if summary_dir is not None:
         rows = summary_rows(handles)
         atomic_write_text(summary_dir / "summary.json", json.dumps(rows, indent=1))

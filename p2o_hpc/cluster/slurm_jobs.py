@@ -13,13 +13,13 @@ import socket
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Optional
 
 import submitit
 
-from p2o_hpc.cluster.preemption import DEADLINE_ENV, slurm_time_left_s
 from p2o_hpc.config import RunConfig
+from p2o_hpc.run_dir import RunDir
+from p2o_hpc.trainer.preemption import DEADLINE_ENV, slurm_time_left_s
 
 
 class SlurmLearnerTask(submitit.helpers.Checkpointable):
@@ -30,7 +30,7 @@ class SlurmLearnerTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         from p2o_hpc.megatron.distributed import shutdown
-        from p2o_hpc.trainer.grpo_trainer import run_worker
+        from p2o_hpc.trainer.driver import run_worker
 
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         job = submitit.JobEnvironment()
@@ -69,7 +69,7 @@ class SlurmLearnerTask(submitit.helpers.Checkpointable):
 
 
 class GEPAServiceTask(submitit.helpers.Checkpointable):
-    """The GEPA service job: `python -m p2o_hpc.gepa.service` as a function; ends on the run's FINISHED.
+    """The GEPA service job: what `python -m p2o_hpc.gepa.service` runs, as a function; ends on the run's FINISHED.
     Checkpointable: at its walltime it is requeued as is (the round's state is saved after every parent step)."""
 
     LEASE_WAIT_S = 90.0  # a predecessor killed without releasing its lease: wait until its heartbeat is stale
@@ -78,11 +78,16 @@ class GEPAServiceTask(submitit.helpers.Checkpointable):
         self.run_dir = run_dir
 
     def __call__(self) -> int:
-        from p2o_hpc.gepa.service import main
+        from rich.console import Console
 
+        from p2o_hpc.gepa.service_loop import run_service
+
+        # submitit ignores SIGTERM; scancel must unwind, so the engine and the reference server are stopped.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        console = Console(stderr=True)
         deadline = time.time() + self.LEASE_WAIT_S
         while True:
-            code = main(["--run-dir", self.run_dir])
+            code = run_service(RunDir(self.run_dir), console)
             if code != 3 or time.time() > deadline:  # 3: the lease is held
                 break
             time.sleep(10)
@@ -91,9 +96,10 @@ class GEPAServiceTask(submitit.helpers.Checkpointable):
         return code
 
 
-def _executor(folder: Path, cfg: RunConfig, *, name: str) -> submitit.AutoExecutor:
+def _executor(run_dir: RunDir, cfg: RunConfig, *, name: str) -> submitit.AutoExecutor:
     cluster = cfg.cluster
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=cluster.max_num_timeout)
+    executor = submitit.AutoExecutor(folder=run_dir.submitit(cluster.submitit_folder), cluster="slurm",
+                                     slurm_max_num_timeout=cluster.max_num_timeout)
     params = dict(cluster.additional_parameters)
     executor.update_parameters(
         name=name,
@@ -110,9 +116,8 @@ def _executor(folder: Path, cfg: RunConfig, *, name: str) -> submitit.AutoExecut
     return executor
 
 
-def submit_learner(cfg: RunConfig, run_dir: Path, model_dir: str) -> submitit.Job:
-    folder = run_dir / cfg.cluster.submitit_folder
-    executor = _executor(folder, cfg, name=f"p2o:{run_dir.name}")
+def submit_learner(cfg: RunConfig, run_dir: RunDir, model_dir: str) -> submitit.Job:
+    executor = _executor(run_dir, cfg, name=f"p2o:{run_dir.name}")
     ranks = cfg.parallel.ranks_per_node
     executor.update_parameters(
         nodes=cfg.parallel.nodes,
@@ -121,13 +126,12 @@ def submit_learner(cfg: RunConfig, run_dir: Path, model_dir: str) -> submitit.Jo
         gpus_per_node=ranks if cfg.cluster.gpus else None,
         mem_gb=cfg.cluster.mem_gb,
     )
-    return executor.submit(SlurmLearnerTask(asdict(cfg), str(run_dir), model_dir))
+    return executor.submit(SlurmLearnerTask(asdict(cfg), str(run_dir.path), model_dir))
 
 
-def submit_gepa_service(cfg: RunConfig, run_dir: Path) -> submitit.Job:
-    folder = run_dir / cfg.cluster.submitit_folder
+def submit_gepa_service(cfg: RunConfig, run_dir: RunDir) -> submitit.Job:
     resources = cfg.gepa.resources
-    executor = _executor(folder, cfg, name=f"p2o-gepa:{run_dir.name}")
+    executor = _executor(run_dir, cfg, name=f"p2o-gepa:{run_dir.name}")
     executor.update_parameters(
         nodes=1,
         tasks_per_node=1,
@@ -137,7 +141,7 @@ def submit_gepa_service(cfg: RunConfig, run_dir: Path) -> submitit.Job:
         timeout_min=resources.time_min or cfg.cluster.time_min,
         slurm_partition=resources.partition or cfg.cluster.partition,
     )
-    return executor.submit(GEPAServiceTask(str(run_dir)))
+    return executor.submit(GEPAServiceTask(str(run_dir.path)))
 
 
 def needs_gepa_service(cfg: RunConfig) -> bool:

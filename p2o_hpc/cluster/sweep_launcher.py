@@ -17,10 +17,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, setup_globals
 from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from p2o_hpc.cluster.runs import preflight
 from p2o_hpc.config import RunConfig, to_run_config, validate
+from p2o_hpc.model_dir import resolve_model_dir
+from p2o_hpc.run_dir import RunDir
 
 
 class SweepPointsInvalid(CompactHydraException):
@@ -73,7 +75,6 @@ class SweepLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from p2o_hpc.cluster.runs import (RunHandle, launcher_console, point_latest, prepare_run_dir, report,
                                           run_locally, submit_to_slurm, supervise)
-        from p2o_hpc.launch import resolve_model_dir
 
         setup_globals()
         console = launcher_console()
@@ -100,8 +101,8 @@ class SweepLauncher(Launcher):
         handles = []
         for overrides, cfg, run_dir, _ in points:
             model_dir = model_dirs.setdefault(cfg.model.path, resolve_model_dir(cfg.model.path))
-            prepare_run_dir(cfg, run_dir, overrides=overrides)
-            handles.append((RunHandle(name=run_dir.name, run_dir=run_dir, cfg=cfg), model_dir))
+            prepare_run_dir(cfg, RunDir(run_dir), overrides=overrides)
+            handles.append((RunHandle(name=run_dir.name, run_dir=RunDir(run_dir), cfg=cfg), model_dir))
 
         if kinds == {"local"}:
             for index, (handle, model_dir) in enumerate(handles):
@@ -128,5 +129,5 @@ class SweepLauncher(Launcher):
                     f"sweep point {handle.name} ended {handle.state}: {handle.error} (summary: {sweep_dir}/summary.md)"),
             ))
         for handle, _ in handles:
-            print(f"run_dir={handle.run_dir}", flush=True)
+            print(f"run_dir={handle.run_dir.path}", flush=True)
         return results

@@ -13,11 +13,11 @@ import logging
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from p2o_hpc.paths import shared_data_dir
+from p2o_hpc.records import Problem
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +64,6 @@ TRAINING_SETS = frozenset({"deepscaler_partial", "deepmath_partial", "deepscaler
 
 class DatasetError(ValueError):
     """A dataset file, row or name that cannot be turned into Problems."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One math problem with its gold answer as text (AIME's "023" stays "023"; graders compare, not us)."""
-
-    id: str
-    problem: str
-    answer: str
-    source: str
-    meta: dict = field(default_factory=dict)
 
 
 class RecipeSplit(NamedTuple):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from p2o_hpc.p2o.templates import apply_template
+from p2o_hpc.data.evolved_templates import apply_template
 
 PLACEHOLDER = "{problem}"
 
@@ -47,7 +47,7 @@ def render_prompt(
 ) -> str:
     """The full prompt text: one user message (optionally after a system message) through the tokenizer's
     chat template, ending with the assistant generation prompt. `p2o_template` is an evolved P²O template,
-    put in front of the user turn (p2o_hpc.p2o.templates.apply_template); "" is the original prompt.
+    put in front of the user turn (p2o_hpc.data.evolved_templates.apply_template); "" is the original prompt.
 
     chat_template_kwargs go to the template (e.g. {"enable_thinking": False} for Qwen3); templates that do
     not use a variable ignore it, so nothing is passed by default and the model's default behaviour holds.

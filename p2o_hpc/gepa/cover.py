@@ -51,7 +51,7 @@ def assign_templates(
     A template outside the cover is never assigned, even if it solves the item. With an empty cover nothing is
     assigned (the sample is rolled out on the plain prompt; the authors stop with an error there). Candidate 0 is
     the seed (empty template), so drawing it means "question alone". Same-template groups and the one plain
-    rollout are applied later (p2o.templates.rollout_templates).
+    rollout are applied later (p2o.hooks.rollout_templates).
     """
     means = mean_scores(scores)
     dev_index = {item_id: j for j, item_id in enumerate(dev_ids)}

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from p2o_hpc.config import GEPAConfig
 from p2o_hpc.gepa.budget import AUTO_CANDIDATES, MetricBudget, auto_budget
 from p2o_hpc.gepa.cover import assign_templates, greedy_set_cover, solved
 from p2o_hpc.gepa.reflection_prompt import FeedbackRecord, build_reflection_prompt, parse_proposal
@@ -49,20 +50,15 @@ Evaluate = Callable[[str, list[HardItem]], list[Evaluation]]
 Propose = Callable[[str], str]
 
 
-@dataclass
+@dataclass(frozen=True)
 class GEPASettings:
-    min_hard: int = 100  # fewer hard samples than this: not worth a GEPA round, skip
-    dev_size: int = 300  # dev = min(dev_size, n // 2) of the n hard samples, train = the rest (see split_hard_set)
-    minibatch_size: int = 3  # B
-    num_parents: int = 16  # W: at most W distinct parents per iteration, one mutation each
-    parent_selection: str = "pareto_mean"
-    max_metric_calls: int | None = None  # overrides `auto`
-    auto: str = "heavy_4"
+    """gepa.* as configured, plus what the run derives for this engine."""
+
+    gepa: GEPAConfig
+    templates_per_sample: int  # K templates assigned to each hard sample (the learner's algorithm.n_samples)
     # Tokens the reflection prompt may take (reflection context − reflection max_tokens); the minibatch's
     # responses are fitted into it with the engine's tokenizer. None: responses are shown whole.
     feedback_token_budget: int | None = None
-    templates_per_sample: int = 6  # K templates assigned to each hard sample (the learner passes its K)
-    seed: int = 0
 
 
 @dataclass
@@ -155,8 +151,8 @@ class GEPAEngine:
         self.by_id = {item.id: item for item in self.items}
         if len(self.by_id) != len(self.items):
             raise ValueError("hard item ids must be unique")
-        if settings.dev_size < 1 or settings.minibatch_size < 1:
-            raise ValueError("dev_size and minibatch_size must be >= 1")
+        if settings.gepa.dev_size < 1 or settings.gepa.minibatch_size < 1:
+            raise ValueError("gepa.dev_size and gepa.minibatch_size must be >= 1")
         self.evaluate, self.propose, self.settings = evaluate, propose, settings
         self.tokenizer = tokenizer
         self.state: _State | None = None
@@ -164,26 +160,27 @@ class GEPAEngine:
     # ----- setup ---------------------------------------------------------------------------------------------
 
     def split(self) -> tuple[list[str], list[str]]:
-        return split_hard_set([item.id for item in self.items], self.settings.dev_size, self.settings.seed)
+        return split_hard_set([item.id for item in self.items], self.settings.gepa.dev_size, self.settings.gepa.seed)
 
     def budget_total(self, dev_size: int) -> int:
-        if self.settings.max_metric_calls is not None:
-            return self.settings.max_metric_calls
-        return auto_budget(AUTO_CANDIDATES[self.settings.auto], dev_size)
+        gepa = self.settings.gepa
+        if gepa.max_metric_calls is not None:
+            return gepa.max_metric_calls
+        return auto_budget(AUTO_CANDIDATES[gepa.auto], dev_size)
 
     def _fresh_state(self) -> _State:
         dev_ids, train_ids = self.split()
         budget = MetricBudget(self.budget_total(len(dev_ids)))
         if not budget.can_afford(len(dev_ids)):
             raise ValueError(f"budget of {budget.total} metric calls cannot even evaluate the seed on the dev set")
-        state = _State(dev_ids, train_ids, [], budget, random.Random(self.settings.seed))
+        state = _State(dev_ids, train_ids, [], budget, random.Random(self.settings.gepa.seed))
         state.pool.append(Candidate("", None, self._score(state, "", dev_ids)))
         return state
 
     # ----- checkpointing -------------------------------------------------------------------------------------
 
     def _fingerprint(self) -> dict:
-        s = self.settings
+        s = self.settings.gepa
         return {"seed": s.seed, "dev_size": s.dev_size, "minibatch_size": s.minibatch_size,
                 "num_parents": s.num_parents, "parent_selection": s.parent_selection,
                 "hard_ids": sorted(self.by_id)}  # fmt: skip
@@ -243,8 +240,8 @@ class GEPAEngine:
         reflection call is never wasted on a child we could not score. An accepted child whose full dev evaluation
         is no longer affordable is dropped (counted in dropped_for_budget) and the run ends.
         """
-        s, counters = self.settings, st.counters
-        batch_size = min(s.minibatch_size, len(st.train_ids))
+        counters = st.counters
+        batch_size = min(self.settings.gepa.minibatch_size, len(st.train_ids))
         if not st.budget.can_afford(2 * batch_size):
             return False
         counters["parent_steps"] += 1
@@ -260,7 +257,7 @@ class GEPAEngine:
             for i, e in zip(batch, parent_evals)
         ]
         prompt = build_reflection_prompt(parent.template, records, tokenizer=self.tokenizer,
-                                         token_budget=s.feedback_token_budget)
+                                         token_budget=self.settings.feedback_token_budget)
         counters["proposed"] += 1
         try:
             answer = self.propose(prompt)
@@ -289,7 +286,7 @@ class GEPAEngine:
 
     def run(self, state_path: str | Path | None = None) -> GEPAResult:
         """Run to the end of the budget, resuming from `state_path` if it exists; checkpoint after each step."""
-        s = self.settings
+        s = self.settings.gepa
         if len(self.items) < max(s.min_hard, 2):  # 2: the smallest hard set with a dev item
             return GEPAResult([], [], [], {}, 0, 0, dict.fromkeys(COUNTER_NAMES, 0), skipped=True)
         if state_path is not None and Path(state_path).exists():
@@ -321,7 +318,7 @@ class GEPAEngine:
         assert st is not None
         scores = [c.dev_scores for c in st.pool]
         cover = greedy_set_cover(scores)
-        rng = random.Random(f"gepa-assign:{self.settings.seed}")
+        rng = random.Random(f"gepa-assign:{self.settings.gepa.seed}")
         hard_ids = [item.id for item in self.items]
         assignments = assign_templates(hard_ids, st.dev_ids, scores, cover, self.settings.templates_per_sample, rng)
         return GEPAResult(

@@ -7,26 +7,23 @@ the reflection model is the reference server (`self`) or an endpoint (`teacher`)
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 
+from p2o_hpc.config import GEPAConfig, ReflectionConfig, reflection_prompt_budget
 from p2o_hpc.data import Problem
 from p2o_hpc.gepa.evolve import Evaluation, GEPAEngine, GEPASettings, HardItem
-from p2o_hpc.io_utils import atomic_write_text
-from p2o_hpc.p2o.templates import templates_done, templates_path
-from p2o_hpc.trainer.hard_mining import epoch_dir, hard_set_path
+from p2o_hpc.run_dir import RunDir
 
 
-def read_hard_set(run_dir: str | Path, epoch: int) -> list[HardItem]:
-    path = hard_set_path(run_dir, epoch)
+def read_hard_set(run_dir: RunDir, epoch: int) -> list[HardItem]:
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, row in enumerate(run_dir.read_hard_set(epoch), start=1):
         try:
-            row = json.loads(line)
             items.append(HardItem(str(row["prompt_id"]), row["prompt"], str(row["ground_truth"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: not a hard-set row ({type(error).__name__}: {error})") from error
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{run_dir.hard_set(epoch)}:{number}: not a hard-set row "
+                             f"({type(error).__name__}: {error})") from error
     return items
 
 
@@ -106,20 +103,14 @@ def pass_at_k_metrics(evaluate: PolicyEvaluator, items: list[HardItem], document
     return metrics
 
 
-def gepa_settings(gepa_cfg, k: int, reflection_cfg) -> GEPASettings:
-    """GEPASettings from gepa.* (k: the learner's K); the feedback is fitted into the reflection model's context
-    (reflection_prompt_budget)."""
-    from p2o_hpc.reflection.config import reflection_prompt_budget
-
-    return GEPASettings(
-        min_hard=gepa_cfg.min_hard, dev_size=gepa_cfg.dev_size, minibatch_size=gepa_cfg.minibatch_size,
-        num_parents=gepa_cfg.num_parents, parent_selection=gepa_cfg.parent_selection,
-        max_metric_calls=gepa_cfg.max_metric_calls, auto=gepa_cfg.auto, templates_per_sample=k, seed=gepa_cfg.seed,
-        feedback_token_budget=reflection_prompt_budget(reflection_cfg),
-    )
+def gepa_settings(gepa_cfg: GEPAConfig, k: int, reflection_cfg: ReflectionConfig) -> GEPASettings:
+    """The engine's settings: gepa.* as configured, K templates per hard sample (k: the learner's
+    algorithm.n_samples), the feedback fitted into the reflection model's context (reflection_prompt_budget)."""
+    return GEPASettings(gepa_cfg, templates_per_sample=k,
+                        feedback_token_budget=reflection_prompt_budget(reflection_cfg))
 
 
-def configured_round(cfg, run_dir: str | Path, epoch: int, worker, reflection: "Reflection") -> dict:
+def configured_round(cfg, run_dir: RunDir, epoch: int, worker, reflection: "Reflection") -> dict:
     """One round as the run's config (RunConfig `cfg`) says, on `worker`'s engine: the GEPA service's and the
     learner's inline round."""
     evaluate = PolicyEvaluator.from_config(cfg, worker)
@@ -149,7 +140,7 @@ def round_metrics(document: dict) -> dict:
     }
 
 
-def run_round(run_dir: str | Path, epoch: int, settings: GEPASettings, evaluate, propose,
+def run_round(run_dir: RunDir, epoch: int, settings: GEPASettings, evaluate, propose,
               extra_metrics=dict, pass_at_k: bool = True) -> dict:
     """Evolve templates for epoch `epoch`'s hard set (resuming its saved state), publish them, return metrics.
 
@@ -157,18 +148,17 @@ def run_round(run_dir: str | Path, epoch: int, settings: GEPASettings, evaluate,
     pass_at_k: also measure pass@1/pass@K on dev with and without the best template (2·K·|dev| extra rollouts).
     The reflection feedback's tokens are counted with the evaluator's (the policy's) tokenizer, when it has one.
     """
-    if templates_done(run_dir, epoch):
-        return json.loads(templates_path(run_dir, epoch).read_text())["metrics"]
+    if run_dir.done(epoch):
+        return run_dir.round_metrics(epoch)
     items = read_hard_set(run_dir, epoch)
     engine = GEPAEngine(items, evaluate, propose, settings, tokenizer=getattr(evaluate, "tokenizer", None))
-    document = engine.run(epoch_dir(run_dir, epoch) / "gepa_state.json").to_json()
+    document = engine.run(run_dir.gepa_state(epoch)).to_json()
     document["epoch"] = epoch
     document["metrics"] = round_metrics(document)
     if pass_at_k and not document["skipped"] and hasattr(evaluate, "scores_k"):
         document["metrics"].update(pass_at_k_metrics(evaluate, items, document, settings.templates_per_sample))
     document["metrics"].update(extra_metrics())
-    atomic_write_text(templates_path(run_dir, epoch), json.dumps(document, ensure_ascii=False))
-    atomic_write_text(epoch_dir(run_dir, epoch) / "DONE", "")
+    run_dir.publish_templates(epoch, document)
     return document["metrics"]
 
 

@@ -17,6 +17,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from p2o_hpc.config import AlgorithmConfig
 from p2o_hpc.megatron.forward import next_token_logprobs, run_schedule
 from p2o_hpc.megatron.hf_weights import load_hf_weights
 from p2o_hpc.megatron.model_provider import HFArchitecture, build_gpt_model, build_transformer_config
@@ -25,21 +26,18 @@ from p2o_hpc.megatron.model_provider import HFArchitecture, build_gpt_model, bui
 LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor], tuple]
 
 
-@dataclasses.dataclass
-class OptimSettings:
-    """Defaults are the paper's (lr 1e-6, no warmup mentioned → constant); clip 1.0 as verl."""
+# The optimizer settings the run config does not hold (lr, weight decay, clipping, decay style are algorithm.*):
+# the authors' verl AdamW, and no LR floor.
+ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
+MIN_LR = 0.0
 
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    decay_style: str = "constant"
-    use_distributed_optimizer: bool = False
+
+@dataclasses.dataclass(frozen=True)
+class LRSchedule:
+    """The LR schedule's length in optimizer steps, which the run's size decides (not a config value)."""
+
+    warmup_steps: int
+    total_steps: int
 
 
 @dataclasses.dataclass
@@ -61,13 +59,18 @@ def uses_torch_adamw_fallback() -> bool:
 def build_learner(
     arch: HFArchitecture,
     hf_dir: str | None,
-    settings: OptimSettings,
+    algo: AlgorithmConfig,
+    schedule: LRSchedule,
     params_dtype: torch.dtype = torch.float32,
+    *,
+    use_distributed_optimizer: bool = False,
 ) -> Learner:
-    """parallel_state must be initialised; weights come from `hf_dir` (or stay at megatron's init if None)."""
-    if settings.use_distributed_optimizer and uses_torch_adamw_fallback():
+    """parallel_state must be initialised; weights come from `hf_dir` (or stay at megatron's init if None).
+
+    The optimizer is algorithm.* (lr, weight_decay, clip_grad, lr_decay_style) over `schedule`."""
+    if use_distributed_optimizer and uses_torch_adamw_fallback():
         raise ValueError(
-            "optim.use_distributed_optimizer=True needs Transformer-Engine's or Apex's FusedAdam: megatron's "
+            "use_distributed_optimizer=True needs Transformer-Engine's or Apex's FusedAdam: megatron's "
             "torch.optim.AdamW fallback (CPU, or GPU without TE/Apex) cannot save/load distributed optimizer state "
             "(its shared 0-dim `step` breaks the sharded state dict). Use the plain optimizer here."
         )
@@ -78,37 +81,37 @@ def build_learner(
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=settings.use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model.no_sync
     optimizer_config = OptimizerConfig(
         optimizer="adam",
-        lr=settings.lr,
-        min_lr=settings.min_lr,
-        weight_decay=settings.weight_decay,
-        adam_beta1=settings.adam_beta1,
-        adam_beta2=settings.adam_beta2,
-        adam_eps=settings.adam_eps,
-        clip_grad=settings.clip_grad,
+        lr=algo.lr,
+        min_lr=MIN_LR,
+        weight_decay=algo.weight_decay,
+        adam_beta1=ADAM_BETA1,
+        adam_beta2=ADAM_BETA2,
+        adam_eps=ADAM_EPS,
+        clip_grad=algo.clip_grad,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         params_dtype=params_dtype,
-        use_distributed_optimizer=settings.use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(optimizer_config, [model])
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if settings.warmup_steps else settings.lr,
-        max_lr=settings.lr,
-        min_lr=settings.min_lr,
-        lr_warmup_steps=settings.warmup_steps,
-        lr_decay_steps=max(settings.total_steps, 1),
-        lr_decay_style=settings.decay_style,
-        start_wd=settings.weight_decay,
-        end_wd=settings.weight_decay,
-        wd_incr_steps=max(settings.total_steps, 1),
+        init_lr=0.0 if schedule.warmup_steps else algo.lr,
+        max_lr=algo.lr,
+        min_lr=MIN_LR,
+        lr_warmup_steps=schedule.warmup_steps,
+        lr_decay_steps=max(schedule.total_steps, 1),
+        lr_decay_style=str(algo.lr_decay_style),  # a plain str: the scheduler's state goes into checkpoints
+        start_wd=algo.weight_decay,
+        end_wd=algo.weight_decay,
+        wd_incr_steps=max(schedule.total_steps, 1),
         wd_incr_style="constant",
     )
     return Learner(arch=arch, model=model, optimizer=optimizer, scheduler=scheduler)

@@ -6,6 +6,9 @@ thread: math-verify's timeouts are ``signal.alarm`` in the worker's main thread)
 
 ``format_ok`` answers, cheaply and in-process, whether a response keeps the answer FORMAT that reward demands
 (the GEPA feedback builder uses it to tell the reflection model that the format, not the maths, was wrong).
+
+REWARDS is keyed by p2o_hpc.choices.RewardName, the names the config's validate() accepts for data.reward
+(tests/test_config_schema.py keeps the two equal).
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from p2o_hpc.choices import RewardName
 from p2o_hpc.reward.math_verify_reward import MAX_BOXED_CHARS, extract_last_boxed
 
-REWARDS = {
-    "math_verify": "p2o_hpc.reward.math_verify_reward:strict_boxed_reward",  # the paper's strict boxed reward
+REWARDS: dict[str, str] = {
+    RewardName.math_verify: "p2o_hpc.reward.math_verify_reward:strict_boxed_reward",  # the paper's strict box
     # The authors' per-dataset graders (verl/utils/reward_score/__init__.py:default_compute_score by data_source).
-    "deepscaler": "p2o_hpc.reward.dataset_graders:deepscaler_reward",
-    "deepmath": "p2o_hpc.reward.dataset_graders:deepmath_reward",  # exactly one \boxed{}
-    "early_substring": "p2o_hpc.reward.sanity:early_substring_reward",  # toy: end-to-end learning checks
+    RewardName.deepscaler: "p2o_hpc.reward.dataset_graders:deepscaler_reward",
+    RewardName.deepmath: "p2o_hpc.reward.dataset_graders:deepmath_reward",  # exactly one \boxed{}
+    RewardName.early_substring: "p2o_hpc.reward.sanity:early_substring_reward",  # toy: end-to-end learning checks
 }
+UNKNOWN = "unknown reward {!r}; known: " + ", ".join(RewardName) + " or 'package.module:function'"
 
 
 def resolve_reward(name: str) -> Callable[[str, str], float]:
@@ -31,7 +36,7 @@ def resolve_reward(name: str) -> Callable[[str, str], float]:
     """
     target = REWARDS.get(name, name)
     if ":" not in target:
-        raise KeyError(f"unknown reward {name!r}; known: {sorted(REWARDS)} or 'package.module:function'")
+        raise KeyError(UNKNOWN.format(name))
     module_name, function_name = target.split(":", 1)
     try:
         return getattr(importlib.import_module(module_name), function_name)
@@ -53,9 +58,9 @@ def has_exactly_one_box(response: str) -> bool:
 
 # Rewards without an entry (early_substring, "package.module:function") have no format rule.
 FORMAT_RULES: dict[str, Callable[[str], bool]] = {
-    "math_verify": has_final_box,
-    "deepscaler": has_final_box,  # deepscaler.py:compute_score scores 0 when no final \boxed{...} is extracted
-    "deepmath": has_exactly_one_box,
+    RewardName.math_verify: has_final_box,
+    RewardName.deepscaler: has_final_box,  # deepscaler.py:compute_score scores 0 when no final \boxed{...} is found
+    RewardName.deepmath: has_exactly_one_box,
 }
 
 
@@ -69,6 +74,6 @@ def format_ok(reward: str, response: str) -> bool:
     rule = FORMAT_RULES.get(reward)
     if rule is None:
         if reward not in REWARDS and ":" not in reward:
-            raise KeyError(f"unknown reward {reward!r}; known: {sorted(REWARDS)} or 'package.module:function'")
+            raise KeyError(UNKNOWN.format(reward))
         return True
     return isinstance(response, str) and rule(response)

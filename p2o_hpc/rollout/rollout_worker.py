@@ -11,9 +11,9 @@ from typing import Iterable
 import torch
 
 from p2o_hpc.data import Problem, encode_prompt
-from p2o_hpc.p2o.templates import rejection_reason
+from p2o_hpc.data.evolved_templates import rejection_reason
 from p2o_hpc.reward.registry import resolve_reward
-from p2o_hpc.trainer.rollout_batch import Rollout
+from p2o_hpc.records import Rollout
 
 # Room for the separator between template and question, and for tokens merging across the join.
 TEMPLATE_SLACK_TOKENS = 8
@@ -27,7 +27,7 @@ class RolloutWorker:
         from transformers import AutoTokenizer
 
         from p2o_hpc.reward.math_verify_reward import RewardPool
-        from p2o_hpc.rollout.generator import GeneratorProcess
+        from p2o_hpc.rollout.generator_process import GeneratorProcess
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.template = template

@@ -1,4 +1,4 @@
-"""Where step metrics go: ``<run_dir>/metrics.jsonl`` (always) and wandb (offline unless configured online).
+"""Where step metrics go: the run dir's ``metrics.jsonl`` (always) and wandb (offline unless configured online).
 
 Only rank 0 logs. The API key, when online, comes from the environment (WANDB_API_KEY) and is never logged.
 """
@@ -10,9 +10,9 @@ import os
 import time
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
 
 from p2o_hpc.io_utils import atomic_write_text
+from p2o_hpc.run_dir import RunDir
 
 
 class PhaseTimer:
@@ -31,22 +31,22 @@ class PhaseTimer:
 
 
 class MetricsSink:
-    def __init__(self, run_dir: str | Path, *, wandb_mode: str, project: str, entity: str | None, name: str | None,
+    def __init__(self, run_dir: RunDir, *, wandb_mode: str, project: str, entity: str | None, name: str | None,
                  config: dict, group: str | None = None):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = run_dir.metrics
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._wandb = None
         if wandb_mode != "disabled":
             import wandb
 
             # One wandb run per run dir, resumed with it (the id is kept next to the metrics).
-            id_file = Path(run_dir) / "wandb_run_id"
+            id_file = run_dir.wandb_run_id
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             atomic_write_text(id_file, run_id)
             os.environ.setdefault("WANDB_SILENT", "true")
             self._wandb = wandb.init(
                 mode=wandb_mode, project=project, entity=entity, name=name, group=group, id=run_id, resume="allow",
-                dir=str(run_dir), config=config,
+                dir=str(run_dir.path), config=config,
             )
 
     def log(self, metrics: dict, step: int) -> None:

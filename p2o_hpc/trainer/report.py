@@ -1,4 +1,4 @@
-"""A run's training curves as one PNG and its last step as a table, from ``metrics.jsonl`` alone.
+"""A run's training curves as one PNG and its last step as a table, from the run dir's ``metrics.jsonl`` alone.
 
 Written at the end of every run (rank 0) and on demand for a run still going or killed:
 
@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from p2o_hpc.io_utils import atomic_write_bytes
+from p2o_hpc.run_dir import RunDir
 
 # (title, metric keys drawn in that panel)
 PANELS = [
@@ -32,9 +33,9 @@ TABLE_KEYS = ["reward/mean", "advantage/zero_group_frac", "response/length_mean"
               "actor/grad_norm", "actor/lr", "perf/gen_tokens_per_s", "perf/train_tokens_per_s", "time/step"]
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
+def read_metrics(run_dir: RunDir) -> list[dict]:
     """Rows of metrics.jsonl; a line cut short by a kill mid-write is skipped, any other bad line is an error."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = run_dir.metrics
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics (has the run finished a step?)")
     lines = path.read_text().splitlines()
@@ -106,11 +107,11 @@ def summary_table(rows: list[dict]) -> Table:
     return table
 
 
-def write_report(run_dir: str | Path, console: Console | None = None) -> Path:
+def write_report(run_dir: RunDir, console: Console | None = None) -> Path:
     rows = read_metrics(run_dir)
     if not rows:
-        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'}: empty")
-    path = plot_training(rows, Path(run_dir) / "plots" / "training.png")
+        raise ValueError(f"{run_dir.metrics}: empty")
+    path = plot_training(rows, run_dir.plots / "training.png")
     if console is not None:
         console.print(summary_table(rows))
         console.print(f"curves → {path}")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console()
     try:
-        write_report(args.run_dir, console)
+        write_report(RunDir(args.run_dir), console)
     except (FileNotFoundError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}")
         return 2

@@ -7,35 +7,13 @@ into micro-batches, each right-padded to its own longest sequence (megatron runs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from p2o_hpc.records import Rollout
 
-@dataclass
-class Rollout:
-    prompt_index: int  # position of the prompt in the step's batch: the GRPO group
-    prompt_ids: list[int]  # the prompt the learner trains on (P²O context distillation: the original x)
-    response_ids: list[int]
-    rollout_logprobs: list[float] | None  # the generator's own log-probs of response_ids
-    finish_reason: str
-    text: str
-    reward: float = 0.0
-    template: str = ""  # the P²O template the response was generated under ("" = the original prompt)
-    generation_prompt_ids: list[int] | None = None  # what the generator saw, when that differs from prompt_ids
-
-    @property
-    def sequence(self) -> list[int]:
-        return self.prompt_ids + self.response_ids
-
-    @property
-    def generation_sequence(self) -> list[int]:
-        return (self.generation_prompt_ids or self.prompt_ids) + self.response_ids
-
-    @property
-    def distilled(self) -> bool:
-        """Generated on a templated prompt but trained on another one: context distillation applies."""
-        return self.generation_prompt_ids is not None and self.generation_prompt_ids != self.prompt_ids
+# Padding sits after each sequence's end and is masked out of the loss, so causal attention never lets it touch a
+# trained position; any in-vocabulary id works.
+PAD_ID = 0
 
 
 def group_ids(rollouts: list[Rollout]) -> torch.Tensor:

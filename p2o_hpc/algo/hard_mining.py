@@ -1,5 +1,6 @@
 """Hard-sample mining: prompts whose K rollouts (almost) all failed give GRPO no gradient; P²O optimises
-templates for them. Each epoch's hard set goes to ``<run_dir>/epochs/<e>/hard_set.jsonl`` for the GEPA service.
+templates for them. Each epoch's hard set goes to the run dir (RunDir.hard_set) for the GEPA service; plain GRPO
+runs mine too, so both report how many prompts gave no gradient.
 """
 
 from __future__ import annotations
@@ -7,16 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2o_hpc.io_utils import atomic_write_jsonl
-
-
-def epoch_dir(run_dir: str | Path, epoch: int) -> Path:
-    """Where one epoch's exchange with the GEPA service lives: hard_set.jsonl out, templates.json back."""
-    return Path(run_dir) / "epochs" / str(epoch)
-
-
-def hard_set_path(run_dir: str | Path, epoch: int) -> Path:
-    return epoch_dir(run_dir, epoch) / "hard_set.jsonl"
+from p2o_hpc.records import StepBatch
+from p2o_hpc.run_dir import RunDir
 
 
 @dataclass
@@ -50,6 +43,13 @@ class HardSampleMiner:
             if reward <= 0 and len(record.failed_responses) < self.failed_responses:
                 record.failed_responses.append(response[: self.max_response_chars])
 
+    def add_batch(self, batch: StepBatch) -> None:
+        """Every prompt of a step with its K rollouts (prompt-major)."""
+        k = len(batch.rollouts) // len(batch.problems)
+        for i, problem in enumerate(batch.problems):
+            group = batch.rollouts[i * k: (i + 1) * k]
+            self.add(problem.id, problem.problem, problem.answer, [r.reward for r in group], [r.text for r in group])
+
     def hard_set(self) -> list[dict]:
         return [
             {
@@ -64,11 +64,10 @@ class HardSampleMiner:
             if is_hard(record.rewards, tau=self.tau)
         ]
 
-    def write(self, run_dir: str | Path, epoch: int) -> tuple[Path, int]:
+    def write(self, run_dir: RunDir, epoch: int) -> tuple[Path, int]:
         """Atomically writes the epoch's hard set; returns (path, size)."""
         rows = self.hard_set()
-        path = atomic_write_jsonl(hard_set_path(run_dir, epoch), rows)
-        return path, len(rows)
+        return run_dir.write_hard_set(epoch, rows), len(rows)
 
     def reset(self) -> None:
         self.records = {}

@@ -7,8 +7,6 @@ tokens (which would forge turns or end the prompt early) is refused with the rea
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 SEPARATOR = "\n\n"
@@ -55,42 +53,3 @@ def check_template(template: str, tokenizer: Any, max_tokens: int) -> str:
     if reason is not None:
         raise TemplateRejected(f"template rejected: {reason}: {str(template)[:120]!r}")
     return template
-
-
-def templates_path(run_dir: str | Path, epoch: int) -> Path:
-    """GEPA's answer to epoch `epoch`'s hard set: the pool, the cover set and per-prompt template draws."""
-    return Path(run_dir) / "epochs" / str(epoch) / "templates.json"
-
-
-def templates_done(run_dir: str | Path, epoch: int) -> bool:
-    """The service writes templates.json atomically and then DONE: only then is it the final answer."""
-    return (templates_path(run_dir, epoch).parent / "DONE").exists()
-
-
-def load_assignments(run_dir: str | Path, epoch: int) -> dict[str, list[str]]:
-    """prompt id → the template texts drawn for its rollouts, from a finished templates.json."""
-    path = templates_path(run_dir, epoch)
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no templates for epoch {epoch}") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not JSON ({error})") from error
-    assignments = document.get("assignments") if isinstance(document, dict) else None
-    if not isinstance(assignments, dict):
-        raise ValueError(f"{path}: missing the 'assignments' object (prompt id → list of templates)")
-    for prompt_id, templates in assignments.items():
-        if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
-            raise ValueError(f"{path}: assignments[{prompt_id!r}] must be a non-empty list of template strings")
-    return assignments
-
-
-def rollout_templates(assigned: list[str] | None, k: int, *, same_template_in_group: bool,
-                      keep_one_plain_rollout: bool) -> list[str]:
-    """The K templates of one prompt's rollouts: its draws (cycled if fewer than K), "" when it has none."""
-    if not assigned:
-        return [""] * k
-    templates = [assigned[0]] * k if same_template_in_group else [assigned[i % len(assigned)] for i in range(k)]
-    if keep_one_plain_rollout:
-        templates[0] = ""
-    return templates

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from p2o_hpc.megatron.refit_check import compare_with_hf
+from p2o_hpc.megatron.conversion_check import compare_with_hf
 from p2o_hpc.paths import REPO_ROOT
 
 pytestmark = pytest.mark.multiproc
@@ -19,18 +19,18 @@ def test_megatron_matches_hf(tiny_model_dir, tmp_path, tp, pp):
     assert diffs["max_abs_logprob_diff"] <= TOLERANCE, diffs
 
 
-def test_check_refit_cli_passes_at_tp1(tiny_model_dir):
+def test_check_conversion_cli_passes_at_tp1(tiny_model_dir):
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "check_refit.py"), "--tp", "1", "--model", str(tiny_model_dir)],
+        [sys.executable, str(REPO_ROOT / "tools" / "check_conversion.py"), "--tp", "1", "--model", str(tiny_model_dir)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "max_abs_logit_diff=" in result.stdout and "max_abs_logprob_diff=" in result.stdout
 
 
-def test_check_refit_cli_fails_on_naive_qkv_concat(tiny_model_dir):
+def test_check_conversion_cli_fails_on_naive_qkv_concat(tiny_model_dir):
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "check_refit.py"), "--tp", "2", "--model", str(tiny_model_dir),
+        [sys.executable, str(REPO_ROOT / "tools" / "check_conversion.py"), "--tp", "2", "--model", str(tiny_model_dir),
          "--negative-control", "naive_qkv"],
         capture_output=True, text=True, timeout=600,
     )

@@ -1,6 +1,6 @@
-"""Refit verifier: does megatron at --tp/--pp compute what transformers computes on the same batch?
+"""Conversion check: does megatron at --tp/--pp compute what transformers computes on the same batch?
 
-    python tools/check_refit.py --tp 2 [--pp 1] [--model HF_DIR] [--tolerance 1e-4]
+    python tools/check_conversion.py --tp 2 [--pp 1] [--model HF_DIR] [--tolerance 1e-4]
 
 Spawns tp×pp processes (gloo on CPU, nccl on GPU). Prints max_abs_logit_diff=<x> and max_abs_logprob_diff=<y>;
 exits 0 when both are within tolerance, 1 otherwise. Without --model it uses the project's tiny Qwen3.
@@ -12,7 +12,7 @@ import argparse
 import sys
 import tempfile
 
-from p2o_hpc.megatron.refit_check import NEGATIVE_CONTROLS, compare_with_hf
+from p2o_hpc.megatron.conversion_check import NEGATIVE_CONTROLS, compare_with_hf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         from p2o_hpc.tiny_model import build_tiny_model
 
         model_dir = str(build_tiny_model())
-    with tempfile.TemporaryDirectory(prefix="p2o_refit_") as workdir:
+    with tempfile.TemporaryDirectory(prefix="p2o_conversion_") as workdir:
         diffs = compare_with_hf(model_dir, args.tp, args.pp, batch=args.batch, seq=args.seq, seed=args.seed,
                                 negative_control=args.negative_control, workdir=workdir)
     logit_diff, logprob_diff = diffs["max_abs_logit_diff"], diffs["max_abs_logprob_diff"]
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"layout=tp{args.tp}_pp{args.pp} model={model_dir} negative_control={args.negative_control}")
     print(f"max_abs_logit_diff={logit_diff:.3e}")
     print(f"max_abs_logprob_diff={logprob_diff:.3e}")
-    print(f"refit_check={'PASS' if ok else 'FAIL'} (tolerance {args.tolerance:g})")
+    print(f"conversion_check={'PASS' if ok else 'FAIL'} (tolerance {args.tolerance:g})")
     return 0 if ok else 1
 
 

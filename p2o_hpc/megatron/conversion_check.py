@@ -1,4 +1,4 @@
-"""Does the Megatron model at a TP/PP layout compute what the HF model computes? The project's refit verifier.
+"""Does the Megatron model at a TP/PP layout compute what the HF model computes? The conversion check.
 
 Loads the HF folder into megatron at the given layout, runs the same right-padded batch through both, and
 compares logits and per-token log-probs (megatron's via vocab-parallel cross entropy) on the valid positions.
@@ -99,6 +99,6 @@ def compare_with_hf(
     """Spawns tp×pp processes; returns {'max_abs_logit_diff': x, 'max_abs_logprob_diff': y}."""
     if negative_control not in NEGATIVE_CONTROLS:
         raise ValueError(f"negative_control must be one of {NEGATIVE_CONTROLS}, got {negative_control!r}")
-    result_path = Path(workdir) / f"refit_tp{tp}_pp{pp}_{negative_control}.json"
+    result_path = Path(workdir) / f"conversion_tp{tp}_pp{pp}_{negative_control}.json"
     launch_local(_worker, tp * pp, str(hf_dir), tp, pp, batch, seq, seed, negative_control, str(result_path))
     return json.loads(result_path.read_text())

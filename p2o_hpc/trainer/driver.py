@@ -1,0 +1,289 @@
+"""The GRPO loop, run by every rank (SPMD, like megatron). One step, top to bottom:
+
+  sync weights → generate (vLLM) → reward (math-verify) → advantages → old log-probs (+ P²O token weights)
+  → refit check → update (PPO clip) → log → save,
+
+over three roles: the rollout side (engine hosts generate and grade, every rank receives the rollouts), the
+learner side (megatron) and the trainer state (what a checkpoint resumes). Algorithms on top of GRPO plug in
+through `AlgorithmHooks` (P²O: templates for a batch, context-distillation token weights, the GEPA exchange at
+the end of an epoch). Hard prompts are mined every epoch, for GRPO too.
+
+Where this differs from textbook GRPO (Shao et al. 2024):
+- the loss is PPO clip with dual clip (c = 3) and token-mean aggregation over the mini-batch, no KL by default,
+  as the authors' verl runs (algorithm.*);
+- one optimizer step per mini-batch, several per step (prompts_per_step / mini_batch_prompts);
+- optional one-step off-policy generation (algorithm.one_step_off_policy): batch t+1 is sampled with step t's
+  weights while step t updates;
+- every rollout.refit_check_every steps the engine's log-probs are checked against the learner's.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+from rich.console import Console
+
+from p2o_hpc.algo.hard_mining import HardSampleMiner
+from p2o_hpc.config import RunConfig, to_run_config
+from p2o_hpc.data import Problem, PromptLoader, recipe_split
+from p2o_hpc.megatron.checkpointing import latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
+from p2o_hpc.megatron.distributed import init_megatron
+from p2o_hpc.records import StepBatch
+from p2o_hpc.run_dir import RunDir
+from p2o_hpc.trainer.hooks import algorithm_hooks
+from p2o_hpc.trainer.learner_side import LearnerSide
+from p2o_hpc.trainer.metrics import MetricsSink, PhaseTimer
+from p2o_hpc.trainer.preemption import StopSignal
+from p2o_hpc.trainer.rollout_side import OffPolicySchedule, RolloutSide
+from p2o_hpc.trainer.state import TrainerState
+from p2o_hpc.trainer.step_metrics import step_metrics
+
+
+def training_problems(data_cfg) -> list[Problem]:
+    """The configured training set as the authors' recipe selects it (and an optional limit for smoke runs)."""
+    problems = recipe_split(data_cfg.train, data_cfg.recipe, seed=data_cfg.recipe_seed, holdout=data_cfg.holdout,
+                            take=data_cfg.take).train
+    return problems[: data_cfg.limit] if data_cfg.limit else problems
+
+
+def rank_placement(local_rank: int) -> dict:
+    """Where this rank runs and which megatron groups it is in (logged; checked by the multi-node test)."""
+    groups = {"tp": parallel_state.get_tensor_model_parallel_group(),
+              "pp": parallel_state.get_pipeline_model_parallel_group(),
+              "dp": parallel_state.get_data_parallel_group()}
+    return {"rank": dist.get_rank(), "local_rank": local_rank, "host": socket.gethostname(),
+            **{f"{name}_group": dist.get_process_group_ranks(group) for name, group in groups.items()}}
+
+
+class GRPODriver:
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, model_dir: str):
+        self.cfg, self.run_dir, algo = cfg, run_dir, cfg.algorithm
+        self.stop_signal = StopSignal().install()  # first: every helper process inherits its signal mask
+        init_megatron(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.trainer.seed,
+                      timeout_s=cfg.trainer.collective_timeout_s, init_timeout_s=cfg.parallel.init_timeout_s)
+        self.rank = dist.get_rank()
+        # Two jobs never train into one run dir; a requeued job waits out its dead predecessor's heartbeat.
+        self.lease = run_dir.learner_lease().acquire(wait_s=90.0) if self.rank == 0 else None
+        self.console = Console(stderr=False) if self.rank == 0 else None
+        self.problems = training_problems(cfg.data)
+        loader = PromptLoader(self.problems, algo.prompts_per_step, seed=cfg.trainer.seed)
+        steps = algo.epochs * loader.steps_per_epoch
+        self.total_steps = min(steps, algo.max_steps) if algo.max_steps else steps
+        self.learner = LearnerSide(cfg, model_dir, self.total_steps)
+        self.hooks = algorithm_hooks(cfg, run_dir, rank=self.rank, console=self.console)
+        self.state = TrainerState(loader, HardSampleMiner(tau=algo.tau, failed_responses=algo.hard.failed_responses,
+                                                          max_response_chars=algo.hard.max_response_chars), self.hooks)
+        self.saved_step, self.last_save_s = 0, 0.0
+        self.interrupted = False  # stopped by a signal before the run's last step (the SLURM task requeues)
+        self.rollouts = self.sink = None
+        try:
+            self._resume()
+            self.stop_step = self.total_steps  # this job's last step (trainer.stop_after_steps)
+            if cfg.trainer.stop_after_steps is not None:
+                self.stop_step = min(self.total_steps, self.state.step + cfg.trainer.stop_after_steps)
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            self.placement = rank_placement(local_rank)
+            flags = [None] * dist.get_world_size()
+            dist.all_gather_object(flags, local_rank == 0)
+            engine = self._start_engine(model_dir) if local_rank == 0 else None
+            self.rollouts = RolloutSide(cfg, engine, [rank for rank, host in enumerate(flags) if host], self.hooks,
+                                        OffPolicySchedule(algo.one_step_off_policy, self.total_steps))
+            if self.rank == 0:
+                wandb = cfg.logging.wandb
+                self.sink = MetricsSink(run_dir, wandb_mode=str(wandb.mode), project=wandb.project,
+                                        entity=wandb.entity, name=wandb.name or run_dir.name, group=wandb.group,
+                                        config=asdict(cfg))
+                self.sink.truncate_after(self.state.step)
+        except BaseException:
+            self.close()  # a half-built driver must not leave its vLLM child behind
+            raise
+
+    def _start_engine(self, model_dir: str):
+        from p2o_hpc.rollout.rollout_worker import RolloutWorker
+
+        return RolloutWorker.from_config(self.cfg, model_dir)
+
+    # ------------------------------------------------------------------------------------------------ the step
+
+    def train_step(self) -> dict:
+        algo, state, timer, started = self.cfg.algorithm, self.state, PhaseTimer(), time.perf_counter()
+        with timer.phase("weight_sync"):
+            self.sync_engine()
+        batch, state.pending = state.pending, None
+        if batch is None:  # on-policy, or the first off-policy step
+            batch = self.rollouts.generate(self._next_batch(), state.step, timer)
+        batch.advantages = self.learner.advantages(batch)
+        mini_batches = self.learner.micro_batches(batch)
+        micro_batches = [mb for mini in mini_batches for mb in mini]
+        with timer.phase("logprob"):
+            self.learner.old_logprobs(micro_batches)
+            distillation = self.hooks.token_weights(batch, micro_batches, self.learner.logprobs)
+        refit = self._refit_check(batch, micro_batches, timer)
+        self.rollouts.release_engine()
+        ahead = None
+        if self.rollouts.schedule.generate_ahead(state.step):  # sampled with this step's weights during the update
+            upcoming = self._next_batch()
+            ahead = self.rollouts.start_ahead(upcoming, state.step + 1)
+        with timer.phase("update"):
+            updates = self.learner.update(mini_batches)
+        if self.rollouts.schedule.generate_ahead(state.step):
+            with timer.phase("rollout_wait"):
+                state.pending = self.rollouts.finish_ahead(upcoming, ahead)
+
+        metrics = step_metrics(batch, updates, timer.seconds, k=algo.n_samples, kl=algo.kl_coef > 0)
+        metrics.update({**refit, **distillation, **self.hooks.step_metrics(batch), **batch.gate_metrics})
+        metrics["time/step"] = time.perf_counter() - started
+        state.step += 1
+        state.miner.add_batch(batch)
+        if batch.epoch_finished:
+            metrics.update(self._end_epoch(batch.epoch))
+        if self.sink is not None:
+            self.sink.log(metrics, state.step)
+        if state.step % self.cfg.trainer.save_every == 0 or batch.epoch_finished or state.step == self.stop_step:
+            self.save()
+        return metrics
+
+    def _next_batch(self) -> StepBatch:
+        """Collective (P²O's overlap schedule may wait here for templates): the next prompts."""
+        loader = self.state.loader
+        problems, gate = self.hooks.next_problems(loader)
+        return StepBatch(problems, epoch=loader.epoch - 1 if loader.epoch_finished else loader.epoch,
+                         epoch_finished=loader.epoch_finished, gate_metrics=gate)
+
+    def _refit_check(self, batch: StepBatch, micro_batches: list[dict], timer: PhaseTimer) -> dict:
+        every = self.cfg.rollout.refit_check_every
+        if not every or self.state.step % every:
+            return {}
+        with timer.phase("refit_check"):
+            return self.learner.refit_check(self.state.step, batch.rollouts, micro_batches, self.rollouts.engine)
+
+    def _end_epoch(self, epoch: int) -> dict:
+        miner = self.state.miner
+        hard_ids = [row["prompt_id"] for row in miner.hard_set()]
+        size = len(hard_ids)
+        if self.rank == 0:
+            path, size = miner.write(self.run_dir, epoch)
+            self.console.print(f"epoch {epoch}: {size} hard prompts → {path}")
+        miner.reset()
+        metrics = {"epoch": epoch, "hard/size": size, "hard/fraction": size / max(1, len(self.problems))}
+        metrics.update(self.hooks.end_epoch(epoch, hard_ids, self.state.loader, self,
+                                            last=self.state.step >= self.total_steps))
+        return metrics
+
+    # -------------------------------------------------------------- the policy, as hooks see it (algo.hooks.Policy)
+
+    @property
+    def engine(self):
+        return self.rollouts.engine
+
+    def sync_engine(self) -> None:
+        """Collective: every rank takes part in the export; engine hosts load the buckets."""
+        buckets = self.learner.weight_buckets()
+        if self.engine is not None and self.cfg.rollout.sync_weights:
+            self.engine.update_weights(buckets)
+        else:
+            for _ in buckets:
+                pass
+
+    def export_hf(self, folder: Path) -> None:
+        self.learner.save_hf(folder)
+
+    # ------------------------------------------------------------------------------------ run, save, resume
+
+    def fit(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.description}"), console=self.console,
+                            disable=self.rank != 0 or not self.cfg.logging.progress)
+        try:
+            with progress:
+                task = progress.add_task("", total=self.total_steps, completed=self.state.step)
+                while self.state.step < self.stop_step:
+                    metrics = self.train_step()
+                    progress.update(task, advance=1, description=(
+                        f"reward {metrics['reward/mean']:.3f} loss {metrics['actor/loss']:+.4f} "
+                        f"{metrics['time/step']:.1f}s/step"))
+                    if self._stop_for_signal_or_deadline(metrics["time/step"]):
+                        break
+            if self.rank == 0:
+                if self.state.step >= self.total_steps:
+                    self.run_dir.mark_finished()  # the GEPA service ends with the run
+                self._report()
+        finally:
+            self.close()
+
+    def _stop_for_signal_or_deadline(self, step_s: float) -> bool:
+        """At a step boundary: checkpoint early when the walltime would end before the next regular checkpoint;
+        on SIGUSR2/SIGTERM checkpoint and stop (the SLURM task then requeues). True → leave the loop."""
+        every, step = self.cfg.trainer.save_every, self.state.step
+        stop, early = self.stop_signal.poll(step_s=step_s, steps_to_next_save=every - step % every,
+                                            margin_s=2 * self.last_save_s + 30.0)
+        if (stop or early) and self.saved_step != step:
+            if self.rank == 0:
+                self.console.print(f"step {step}: checkpoint "
+                                   f"{'before stopping (signal)' if stop else 'early: the walltime ends before the next one'}")
+            self.save()
+        if stop and step < self.total_steps:
+            self.interrupted = True
+        return stop
+
+    def save(self) -> None:
+        started = time.perf_counter()
+        save_checkpoint(self.learner.learner, self.run_dir.checkpoints, rank_state=self.state.state_dict(),
+                        keep=self.cfg.trainer.keep_checkpoints)
+        self.saved_step, self.last_save_s = self.state.step, time.perf_counter() - started
+
+    def _resume(self) -> None:
+        checkpoint = latest_checkpoint(self.run_dir.checkpoints) if self.cfg.trainer.resume else None
+        if checkpoint is None:
+            return
+        load_checkpoint(self.learner.learner, checkpoint)
+        state = load_rank_state(checkpoint)
+        if state is None:
+            raise FileNotFoundError(f"{checkpoint}: no rank_{self.rank}.pt trainer state (not a trainer checkpoint)")
+        self.state.load_state_dict(state)
+        self.saved_step = self.state.step
+        if self.rank == 0:
+            self.console.print(f"resumed from {checkpoint} at step {self.state.step}")
+
+    def _report(self) -> None:
+        """Curves (plots/training.png) and a summary table; a plotting problem must not fail a finished run."""
+        from p2o_hpc.trainer.report import write_report
+
+        try:
+            write_report(self.run_dir, self.console)
+        except Exception as error:  # noqa: BLE001 - the run's results are already on disk
+            self.console.print(f"[yellow]warning:[/yellow] no training report: {type(error).__name__}: {error}")
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def close(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        self.hooks.close()
+        if self.rollouts is not None:
+            self.rollouts.close()
+            self.rollouts = None
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
+
+
+def run_worker(cfg_dict: dict, run_dir: str, model_dir: str, prepare_stop=None) -> GRPODriver:
+    """Entry point of one learner rank (spawned locally, or a SLURM task); returns the finished driver, whose
+    `interrupted` says whether a signal stopped it before the run's end."""
+    driver = GRPODriver(to_run_config(cfg_dict), RunDir(run_dir), model_dir)
+    if prepare_stop is not None:
+        prepare_stop(driver.stop_signal)
+    driver.fit()
+    return driver
