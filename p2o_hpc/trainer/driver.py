@@ -126,13 +126,12 @@ class GRPODriver:
             distillation = self.hooks.token_weights(batch, micro_batches, self.learner.logprobs)
         refit = self._refit_check(batch, micro_batches, timer)
         self.rollouts.release_engine()
-        ahead = None
-        if self.rollouts.schedule.generate_ahead(state.step):  # sampled with this step's weights during the update
-            upcoming = self._next_batch()
-            ahead = self.rollouts.start_ahead(upcoming, state.step + 1)
+        # One-step off-policy: the next batch is sampled with this step's weights during the update.
+        upcoming = self._next_batch() if self.rollouts.schedule.generate_ahead(state.step) else None
+        ahead = self.rollouts.start_ahead(upcoming, state.step + 1) if upcoming is not None else None
         with timer.phase("update"):
             updates = self.learner.update(mini_batches)
-        if self.rollouts.schedule.generate_ahead(state.step):
+        if upcoming is not None:
             with timer.phase("rollout_wait"):
                 state.pending = self.rollouts.finish_ahead(upcoming, ahead)
 
