@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -46,8 +47,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """`text` with every lone UTF-16 surrogate (valid in JSON and Python, not in UTF-8: a tokenizer or an encoder
+    raises on it) replaced by U+FFFD. Text from outside (a teacher's reply, an exchange file) passes through here
+    before it reaches a tokenizer or a file."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, clean_text(text).encode("utf-8"))
 
 
 def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:

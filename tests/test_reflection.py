@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from p2o_hpc.gepa.reflection_prompt import parse_proposal
 from p2o_hpc.reflection import ReferenceServer, ReflectionClient, ReflectionConfig, ReflectionError
 
 KEY_ENV = "P2O_TEST_REFLECTION_KEY"
@@ -31,7 +32,8 @@ def completion(text: str, prompt_tokens: int = 7, completion_tokens: int = 3) ->
 
 
 class FakeEndpoint:
-    """A real HTTP server on 127.0.0.1; `respond(body) -> (status, headers, json)` decides each reply."""
+    """A real HTTP server on 127.0.0.1; `respond(body) -> (status, headers, json)` decides each reply (bytes in
+    place of the json are sent as they are, as application/json unless the headers name a Content-Type)."""
 
     def __init__(self, respond, delay_s: float = 0.0):
         self.respond, self.delay_s = respond, delay_s
@@ -57,12 +59,11 @@ class FakeEndpoint:
                 finally:
                     with endpoint.lock:
                         endpoint.in_flight -= 1
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
-                    for name, value in headers.items():
+                    for name, value in {"Content-Type": "application/json", **headers}.items():
                         self.send_header(name, value)
-                    self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -179,6 +180,64 @@ def test_client_errors_fail_at_once_without_leaking_the_key(endpoint, key, caplo
     assert caplog.records, "expected openai/httpx debug records to check"
     for record in caplog.records:
         assert FAKE_KEY not in record.getMessage() and FAKE_KEY not in str(record.args)
+
+
+# 2xx replies that are not chat completions (what a proxy or gateway sends when it hiccups), and what the error says.
+MALFORMED = {
+    "malformed JSON": ((200, {}, b'{"choices": [{"index": 0, "message": '), "body is not JSON"),
+    "text/plain": ((200, {"Content-Type": "text/plain"}, f"bad gateway (key {FAKE_KEY})".encode()),
+                   "body is not a JSON object"),
+    "empty body": ((200, {}, b""), "empty body"),
+    "JSON null": ((200, {}, b"null"), "body is not a JSON object"),
+    "choices empty": ((200, {}, {**completion("x"), "choices": []}), "choices empty"),
+    "choices null": ((200, {}, {**completion("x"), "choices": None}), "choices null"),
+    "no message": ((200, {}, {**completion("x"), "choices": [{"index": 0, "message": None}]}), "no message"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_reply_is_retried_like_a_5xx(endpoint, key, case):
+    bad, _ = MALFORMED[case]
+    script = iter([bad, (200, {}, completion("good", 11, 5))])
+    server = endpoint(lambda body: next(script))
+    client = client_for(server.url)
+    assert client.complete("p") == "good"
+    assert len(server.requests) == 2
+    m = client.metrics()
+    assert (m["reflection/requests"], m["reflection/successes"], m["reflection/failures"]) == (1, 1, 0)
+    assert m["reflection/retries"] == 1
+    assert (m["reflection/prompt_tokens"], m["reflection/completion_tokens"]) == (11, 5)
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_reply_fails_for_good_when_retries_run_out(endpoint, key, case):
+    bad, what = MALFORMED[case]
+    server = endpoint(lambda body: bad)
+    client = client_for(server.url, max_retries=2)
+    with pytest.raises(ReflectionError) as info:
+        client.complete("p")
+    message = str(info.value)
+    assert server.url in message and "teacher-model" in message and "retries exhausted" in message
+    assert "reply is not a chat completion" in message and what in message
+    assert FAKE_KEY not in message and info.value.__cause__ is None
+    assert len(server.requests) == 3 and info.value.attempts == 3
+    m = client.metrics()
+    assert (m["reflection/requests"], m["reflection/successes"], m["reflection/failures"]) == (1, 0, 1)
+    assert m["reflection/retries"] == 2 and m["reflection/prompt_tokens"] == 0
+    assert client.complete_many(["p", "q"])[1].attempts == 3  # complete_many isolates it as well
+    m = client.metrics()
+    assert (m["reflection/requests"], m["reflection/successes"], m["reflection/failures"]) == (3, 0, 3)
+
+
+def test_lone_surrogate_in_reply_is_replaced(endpoint, key):
+    """JSON may escape a lone surrogate; Python decodes it, and a tokenizer or a UTF-8 encoder then raises."""
+    answer = "Better:\n```\nThink \ud800 step by step.\n```"
+    server = endpoint(lambda body: (200, {}, completion(answer)))
+    assert b"\\ud800" in json.dumps(completion(answer)).encode()  # on the wire as the JSON escape
+    reply = client_for(server.url).complete("p")
+    assert reply == answer.replace("\ud800", "\ufffd")
+    reply.encode("utf-8")
+    assert parse_proposal(reply) == parse_proposal(answer) == "Think \ufffd step by step."
 
 
 def test_missing_key_for_teacher_names_the_variable(monkeypatch):

@@ -13,6 +13,8 @@ from typing import Protocol, Sequence
 
 from gepa.strategies.instruction_proposal import InstructionProposalSignature
 
+from p2o_hpc.io_utils import clean_text
+
 EMPTY_TEMPLATE_SHOWN = "(no instructions: the assistant was given the question alone)"
 FORMAT_ERROR_MARK = "\n\n[... middle truncated, format error ...]\n\n"
 TRUNCATION_MARK = "\n\n[... middle truncated ...]\n\n"
@@ -170,6 +172,7 @@ def build_reflection_prompt(
 def parse_proposal(text: str) -> str | None:
     """The new template from the reflection model's answer, by gepa's own extractor (the text between the first
     and the last ``` fence, language tag dropped; the whole answer when it has no fences, as the authors' DSPy/GEPA
-    stack does); None when nothing is left. Whether the text may be used is checked later (templates.py)."""
-    extracted = InstructionProposalSignature.output_extractor(str(text))["new_instruction"].strip()
+    stack does); None when nothing is left. Whether the text may be used is checked later (templates.py). Lone
+    surrogates are replaced (io_utils.clean_text), whatever the propose callable gave: a tokenizer raises on them."""
+    extracted = InstructionProposalSignature.output_extractor(clean_text(str(text)))["new_instruction"].strip()
     return extracted or None

@@ -2,7 +2,9 @@
 
 Retries are our own loop (the openai client runs with max_retries=0): its built-in loop has a fixed 0.5 s
 initial / 8 s maximum backoff, an unseeded jitter source, and does not report how many retries it took,
-which the cost/latency tally needs. The API key is only handed to `openai.OpenAI`; it never appears in
+which the cost/latency tally needs. A 2xx reply that is not a chat completion (what a proxy or gateway sends
+when it hiccups) is retried like a 5xx, and the reply text is cleaned of lone surrogates (io_utils.clean_text)
+before a tokenizer sees it. The API key is only handed to `openai.OpenAI`; it never appears in
 `repr`, log records or error messages (any echo of it in a server's error body is redacted).
 """
 
@@ -18,11 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import openai
+from openai.types.chat import ChatCompletion
+
+from p2o_hpc.io_utils import clean_text
 
 log = logging.getLogger(__name__)
 
 DUMMY_KEY = "EMPTY"  # local vLLM servers accept any key
 _MAX_ERROR_CHARS = 500
+_BODY_CHARS = 200
 
 
 class ReflectionError(RuntimeError):
@@ -112,36 +118,42 @@ class ReflectionClient:
     def complete(self, prompt: str) -> str:
         """One prompt → the reply text; raises ReflectionError when it fails for good."""
         self._add(requests=1)
+        succeeded = False
+        try:  # whatever ends this call (ours or not), it counts once: requests == successes + failures
+            text, usage = self._attempts(prompt)
+            succeeded = True
+        finally:
+            if not succeeded:
+                self._add(failures=1)
+        self._add(successes=1, prompt_tokens=_tokens(usage, "prompt_tokens"),
+                  completion_tokens=_tokens(usage, "completion_tokens"))
+        return text
+
+    def _attempts(self, prompt: str) -> tuple[str, object]:
         attempts = 0
         while True:
             attempts += 1
             try:
                 with self._slots:
-                    response = self._openai.chat.completions.create(
+                    raw = self._openai.chat.completions.with_raw_response.create(
                         model=self.model,
                         messages=[{"role": "user", "content": prompt}],
                         temperature=self.temperature,
                         max_tokens=self.max_tokens,
                         extra_body=self._extra_body,
                     )
+                return _reply(raw)
             except openai.APIStatusError as err:  # the server answered with an error status
                 status, error = err.status_code, err
                 retryable = status in (408, 429) or status >= 500
                 hint = _retry_after(err.response.headers)
             except openai.APIConnectionError as err:  # includes APITimeoutError
                 status, error, retryable, hint = None, err, True, None
-            except openai.OpenAIError as err:  # e.g. a reply that is not a chat completion
+            except MalformedReply as err:  # a proxy/gateway hiccup, like a 5xx
+                status, error, retryable, hint = None, err, True, None
+            except openai.OpenAIError as err:
                 status, error, retryable, hint = None, err, False, None
-            else:
-                usage = response.usage
-                self._add(
-                    successes=1,
-                    prompt_tokens=usage.prompt_tokens if usage else 0,
-                    completion_tokens=usage.completion_tokens if usage else 0,
-                )
-                return response.choices[0].message.content or ""
             if not retryable or attempts > self.max_retries:
-                self._add(failures=1)
                 why = "non-retryable error" if not retryable else "retries exhausted"
                 raise ReflectionError(
                     f"reflection request to {self.base_url} (model {self.model}) failed after {attempts} "
@@ -207,6 +219,49 @@ class ReflectionClient:
         if self._secret:
             text = text.replace(self._secret, "***")
         return text[:_MAX_ERROR_CHARS]
+
+
+class MalformedReply(ValueError):
+    """A 2xx reply that is not a chat completion (bad or no JSON, a text or HTML page, no choices): typically a
+    proxy or gateway hiccup, so it is retried like a 5xx."""
+
+
+def _reply(raw) -> tuple[str, object]:
+    """(text, usage) of a raw chat-completion reply; MalformedReply for anything else. The SDK does not check the
+    shape: it raises on bad JSON, returns a str for a non-JSON body and lets `choices` be null or empty."""
+    body = raw.http_response.text
+    where = f"HTTP {raw.status_code}, {raw.headers.get('content-type') or 'no content-type'}"
+
+    def malformed(why: str) -> MalformedReply:
+        return MalformedReply(f"reply is not a chat completion ({where}): {why}")
+
+    if not body.strip():
+        raise malformed("empty body")
+    try:
+        response = raw.parse()
+    except (ValueError, TypeError, AttributeError, openai.APIResponseValidationError) as err:
+        raise malformed(f"body is not JSON ({type(err).__name__}: {err}), starts {body[:_BODY_CHARS]!r}") from None
+    if not isinstance(response, ChatCompletion):
+        raise malformed(f"body is not a JSON object, starts {body[:_BODY_CHARS]!r}")
+    choices = getattr(response, "choices", None)
+    if choices is None:
+        raise malformed("choices null or missing")
+    if not isinstance(choices, list):
+        raise malformed(f"choices is a {type(choices).__name__}, not a list")
+    if not choices:
+        raise malformed("choices empty")
+    message = getattr(choices[0], "message", None)
+    if message is None:
+        raise malformed("choices[0] has no message")
+    content = getattr(message, "content", None)
+    if content is not None and not isinstance(content, str):
+        raise malformed(f"message content is a {type(content).__name__}, not a string")
+    return clean_text(content or ""), getattr(response, "usage", None)
+
+
+def _tokens(usage, name: str) -> int:
+    count = getattr(usage, name, None)
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else 0
 
 
 def _retry_after(headers) -> Optional[float]:
