@@ -67,18 +67,21 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     """One run (a -m sweep goes through p2o_hpc.cluster.sweep_launcher instead)."""
     from p2o_hpc.cluster.local_run import run_local
-    from p2o_hpc.cluster.runs import (RunHandle, launcher_console, point_latest, preflight, prepare_run_dir, report,
-                                      submit_to_slurm, supervise)
+    from p2o_hpc.cluster.runs import (RunHandle, RunRefused, launcher_console, point_latest, preflight,
+                                      prepare_run_dir, report, submit_to_slurm, supervise)
 
     run_cfg = to_run_config(cfg)
     overrides = list(HydraConfig.get().overrides.task)
-    if run_cfg.resume:
-        run_cfg, run_dir = resumed(run_cfg, overrides)
-    else:
-        run_dir = Path(run_cfg.run_dir or HydraConfig.get().runtime.output_dir).resolve()
-    validate(run_cfg)
-    preflight(run_cfg)
-    model_dir = resolve_model_dir(run_cfg.model.path)
+    try:  # config, model and data errors: one line each, before anything is written or started
+        if run_cfg.resume:
+            run_cfg, run_dir = resumed(run_cfg, overrides)
+        else:
+            run_dir = Path(run_cfg.run_dir or HydraConfig.get().runtime.output_dir).resolve()
+        validate(run_cfg)
+        model_dir = resolve_model_dir(run_cfg.model.path)
+        preflight(run_cfg, model_dir)
+    except (ValueError, FileNotFoundError) as error:
+        raise RunRefused(str(error)) from error
     prepare_run_dir(run_cfg, RunDir(run_dir), overrides=None if cfg.resume else overrides)  # a resume keeps the original
     point_latest(run_dir.parent, run_dir)
     if run_cfg.cluster.kind == "local":

@@ -154,6 +154,79 @@ def test_empty_and_unsupported_sources_are_errors(tmp_path):
         load_problems(tmp_path / "missing.jsonl")
 
 
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    """A bare UnicodeDecodeError named neither the file nor the row."""
+    bad = '{"problem": "caf\xe9", "answer": "1"}'.encode("latin-1")
+    jsonl = tmp_path / "latin.jsonl"
+    jsonl.write_bytes(b'{"problem": "1+1", "answer": "2"}\n\n' + bad + b"\n")
+    for read in (load_problems, lambda path: recipe_split(path, None)):
+        with pytest.raises(DatasetError, match=r"latin\.jsonl line 3: invalid UTF-8 \(.*byte 0xe9\)"):
+            read(jsonl)
+    array = tmp_path / "latin.json"
+    array.write_bytes(b'[{"problem": "1+1", "answer": "2"},\n ' + bad + b"]")
+    with pytest.raises(DatasetError, match=r"latin\.json line 2: invalid UTF-8"):
+        load_problems(array)
+
+
+def test_duplicate_ids_name_the_id_and_both_rows(tmp_path):
+    """Ids key the loader, the hard set and the evolved templates: a second row with an id is an error, not a
+    silent overwrite, whether the id is a row's own field or the default <stem>:<index>."""
+    rows = [{"id": 7, "problem": "a", "answer": "1"}, {"problem": "b", "answer": "2"},
+            {"unique_id": "7", "problem": "c", "answer": "3"}]
+    path = _write_jsonl(tmp_path / "dup.jsonl", [json.dumps(r) for r in rows])
+    for read in (load_problems, lambda p: recipe_split(p, None), lambda p: recipe_split(p, "deepscaler", holdout=1)):
+        with pytest.raises(DatasetError, match=r"duplicate problem id '7': \S*dup\.jsonl line 1 and \S*dup\.jsonl "
+                                               r"line 3"):
+            read(path)
+    # A row's own id equal to another row's default id ("<stem>:<index>").
+    path = _write_jsonl(tmp_path / "mix.jsonl", ['{"problem": "a", "answer": "1"}',
+                                                 '{"id": "mix:0", "problem": "b", "answer": "2"}'])
+    with pytest.raises(DatasetError, match=r"duplicate problem id 'mix:0': \S*mix\.jsonl line 1 and \S*mix\.jsonl "
+                                           r"line 2"):
+        recipe_split(path, None)
+    path = _write_jsonl(tmp_path / "ok.jsonl", ['{"problem": "a", "answer": "1"}', '{"problem": "b", "answer": "2"}'])
+    assert [p.id for p in load_problems(path)] == ["ok:0", "ok:1"]  # default ids stay unique within a file
+
+
+def test_duplicate_default_ids_across_the_files_of_a_named_dataset(tmp_path, monkeypatch):
+    """Two files with one stem in a DATASETS entry would give both first rows the id "<stem>:0"."""
+    import p2o_hpc.data.datasets as datasets_module
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        _write_jsonl(tmp_path / folder / "part.jsonl", ['{"problem": "q", "answer": "1"}'])
+    monkeypatch.setenv("P2O_SHARED_DATA", str(tmp_path))
+    monkeypatch.setitem(datasets_module.DATASETS, "two_parts", ("a/part.jsonl", "b/part.jsonl"))
+    for read in (load_named, lambda name: recipe_split(name, None)):
+        with pytest.raises(DatasetError, match=r"duplicate problem id 'part:0': \S*a/part\.jsonl line 1 and "
+                                               r"\S*b/part\.jsonl line 1"):
+            read("two_parts")
+
+
+def test_a_misspelt_dataset_name_suggests_the_registered_one(tmp_path):
+    """`data.train=math5000` said "unsupported file type ''": a bare word is a dataset name, so say which ones exist."""
+    for read in (load_named, load_problems, lambda name: recipe_split(name, None),
+                 lambda name: recipe_split(name, "deepscaler")):
+        with pytest.raises(DatasetError, match=r"unknown dataset 'math5000' \(did you mean 'math500'.*\?\); known: "
+                                               r"aime24, .*deepscaler_partial.*, or a \.json/\.jsonl file, or hf:"):
+            read("math5000")
+    with pytest.raises(DatasetError, match=r"unknown dataset 'qqqq'; known: aime24"):
+        recipe_split("qqqq", None)
+    with pytest.raises(DatasetError, match="unsupported file type '.csv'"):  # a path stays a path
+        recipe_split(str(tmp_path / "rows.csv"), None)
+
+
+def test_training_problems_reads_the_recipe_then_the_limit(tmp_path):
+    from p2o_hpc.config import DataConfig
+    from p2o_hpc.data import training_problems
+
+    path = _numbered_rows(tmp_path / "rows.jsonl", 20)
+    cfg = DataConfig(train=str(path), recipe="deepscaler", holdout=5, take=10, limit=3)
+    expected = recipe_split(path, "deepscaler", seed=cfg.recipe_seed, holdout=5, take=10).train[:3]
+    assert training_problems(cfg) == expected and len(expected) == 3
+    assert len(training_problems(DataConfig(train=str(path), recipe=None))) == 20
+
+
 def test_hf_source_without_datasets_package_says_to_install(monkeypatch):
     import sys
 

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from hydra.errors import CompactHydraException
 from rich.console import Console
 from rich.table import Table
 
 from p2o_hpc.config import RunConfig
+from p2o_hpc.data import DatasetError, TemplateError, training_problems, validate_template
 from p2o_hpc.io_utils import atomic_write_text
 from p2o_hpc.run_dir import RunDir
 from p2o_hpc.trainer.report import read_metrics
@@ -44,8 +46,16 @@ class RunHandle:
         return self.state in TERMINAL and (self.service is None or _state(self.service) in TERMINAL)
 
 
-def preflight(cfg: RunConfig) -> None:
-    """What the jobs would only find out on the cluster, checked before anything is submitted."""
+class RunRefused(CompactHydraException):
+    """A config, model or data error found before anything was written or started: Hydra prints its message as
+    is (one line), not a traceback that buries it."""
+
+
+def preflight(cfg: RunConfig, model_dir: Optional[str] = None) -> None:
+    """What the jobs would only find out on the cluster (or each rank after megatron's init), checked before
+    anything is submitted: the teacher's endpoint and key, the prompt template, the model's shape against
+    parallel.* (model_dir: the resolved model.path; None skips it) and the training set, read as the learner
+    reads it. Cheap checks first; reading the data takes a second or two."""
     reflection = cfg.reflection
     uses_teacher = cfg.algorithm.p2o.enabled and cfg.gepa.mode != "off" and reflection.kind == "teacher"
     if uses_teacher and not reflection.base_url:
@@ -54,9 +64,41 @@ def preflight(cfg: RunConfig) -> None:
     if uses_teacher and reflection.api_key_env and not os.environ.get(reflection.api_key_env):
         raise ValueError(f"reflection=teacher ({reflection.base_url}, model {reflection.model}) reads its API key "
                          f"from ${reflection.api_key_env}, which is not set here (the jobs inherit this environment)")
+    try:
+        validate_template(cfg.data.template)
+    except TemplateError as error:
+        raise ValueError(f"data.template: {error}") from error
+    if model_dir is not None:
+        check_model_shape(cfg, model_dir)
     data = cfg.data.train
     if data.endswith((".json", ".jsonl")) and not Path(data).is_file():
         raise FileNotFoundError(f"data.train={data}: no such file")
+    try:
+        training_problems(cfg.data)
+    except DatasetError as error:
+        raise DatasetError(f"data.train={data}: {error}") from error
+
+
+def check_model_shape(cfg: RunConfig, model_dir: str) -> None:
+    """Megatron splits the attention heads, the KV groups (whole groups per rank: megatron/weight_mapping.py) and
+    the MLP over parallel.tensor, and the layers over parallel.pipeline; a model that does not divide would fail
+    in every rank after init. Read from the model folder's config.json."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"model.path={cfg.model.path}: {model_dir} has no config.json (not a Hugging Face "
+                                "model folder)")
+    config = json.loads(config_path.read_text())
+    heads = config.get("num_attention_heads")
+    splits = (("parallel.tensor", cfg.parallel.tensor,
+               {"num_attention_heads": heads, "num_key_value_heads": config.get("num_key_value_heads") or heads,
+                "intermediate_size": config.get("intermediate_size")}),
+              ("parallel.pipeline", cfg.parallel.pipeline, {"num_hidden_layers": config.get("num_hidden_layers")}))
+    for key, ranks, counts in splits:
+        for name, value in counts.items():
+            if isinstance(value, int) and value % ranks:
+                raise ValueError(f"{key}={ranks} does not divide the model's {name}={value} (megatron splits it "
+                                 f"evenly over the {key} ranks); model folder {model_dir} (model.path="
+                                 f"{cfg.model.path})")
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: RunDir, *, overrides: Optional[list[str]]) -> None:
@@ -69,13 +111,20 @@ def prepare_run_dir(cfg: RunConfig, run_dir: RunDir, *, overrides: Optional[list
     run_dir.clear_finished()
 
 
-def point_latest(link_parent: Path, target: Path) -> None:
-    """`<parent>/latest` → the newest run (or sweep) dir, replaced atomically."""
-    link_parent.mkdir(parents=True, exist_ok=True)
+def point_latest(link_parent: Path, target: Path) -> bool:
+    """`<parent>/latest` → the newest run (or sweep) dir, replaced atomically. A convenience only: where the parent
+    is not writable (a run dir handed out inside a read-only folder) it is skipped with a warning (False)."""
     tmp = link_parent / f".latest.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(os.path.relpath(target.resolve(), link_parent.resolve()))
-    os.replace(tmp, link_parent / "latest")
+    try:
+        link_parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(target.resolve(), link_parent.resolve()))
+        os.replace(tmp, link_parent / "latest")
+    except OSError as error:
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] no {link_parent / 'latest'} link "
+                                   f"({error.strerror or error}); the run goes on in {target}")
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------- local runs

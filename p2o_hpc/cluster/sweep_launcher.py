@@ -56,7 +56,10 @@ class SweepLauncher(Launcher):
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
-    def _compose(self, overrides: list[str], idx: int) -> tuple[RunConfig, Path, DictConfig]:
+    def _compose(self, overrides: list[str], idx: int,
+                 model_dirs: dict[str, str | Exception]) -> tuple[RunConfig, Path, DictConfig, str]:
+        """One point, checked as a single run is (validate, its model folder, preflight); model_dirs resolves each
+        distinct model.path once (a download, or the same error for every point that names it)."""
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
@@ -69,8 +72,16 @@ class SweepLauncher(Launcher):
         if cfg.logging.wandb.group is None:
             cfg.logging.wandb.group = Path(str(sweep_config.hydra.sweep.dir)).name
         validate(cfg)
-        preflight(cfg)
-        return cfg, run_dir.resolve(), sweep_config
+        if cfg.model.path not in model_dirs:
+            try:
+                model_dirs[cfg.model.path] = resolve_model_dir(cfg.model.path)
+            except (ValueError, FileNotFoundError) as error:
+                model_dirs[cfg.model.path] = error
+        model_dir = model_dirs[cfg.model.path]
+        if isinstance(model_dir, Exception):
+            raise model_dir
+        preflight(cfg, model_dir)
+        return cfg, run_dir.resolve(), sweep_config, model_dir
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from p2o_hpc.cluster.runs import (RunHandle, launcher_console, point_latest, prepare_run_dir, report,
@@ -78,29 +89,27 @@ class SweepLauncher(Launcher):
 
         setup_globals()
         console = launcher_console()
-        points, invalid = [], []
+        points, invalid, model_dirs = [], [], {}
         for offset, overrides in enumerate(job_overrides):
             try:
-                points.append((list(overrides), *self._compose(list(overrides), initial_job_idx + offset)))
+                points.append((list(overrides), *self._compose(list(overrides), initial_job_idx + offset, model_dirs)))
             except Exception as error:  # noqa: BLE001 - collected so every bad point is named at once
                 invalid.append(f"  point #{initial_job_idx + offset} [{' '.join(overrides)}]: {error}")
         if invalid:
             raise SweepPointsInvalid(f"{len(invalid)} of {len(job_overrides)} sweep points are invalid; nothing "
                                      "was submitted:\n" + "\n".join(invalid))
-        names = [run_dir.name for _, _, run_dir, _ in points]
+        names = [run_dir.name for _, _, run_dir, _, _ in points]
         if len(set(names)) != len(names):
             raise SweepPointsInvalid(f"two sweep points would share a run dir: {names}")
-        kinds = {cfg.cluster.kind for _, cfg, _, _ in points}
+        kinds = {cfg.cluster.kind for _, cfg, _, _, _ in points}
         if len(kinds) > 1:
             raise SweepPointsInvalid(f"a sweep runs all its points on one kind of cluster, not {sorted(kinds)}")
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         point_latest(sweep_dir.parent, sweep_dir)
-        model_dirs: dict[str, str] = {}
         handles = []
-        for overrides, cfg, run_dir, _ in points:
-            model_dir = model_dirs.setdefault(cfg.model.path, resolve_model_dir(cfg.model.path))
+        for overrides, cfg, run_dir, _, model_dir in points:
             prepare_run_dir(cfg, RunDir(run_dir), overrides=overrides)
             handles.append((RunHandle(name=run_dir.name, run_dir=RunDir(run_dir), cfg=cfg), model_dir))
 
@@ -119,7 +128,7 @@ class SweepLauncher(Launcher):
         report([h for h, _ in handles], console, summary_dir=sweep_dir)
 
         results = []
-        for (overrides, cfg, run_dir, sweep_config), (handle, _) in zip(points, handles):
+        for (overrides, cfg, run_dir, sweep_config, _), (handle, _) in zip(points, handles):
             ok = handle.state == "COMPLETED"
             results.append(JobReturn(
                 overrides=overrides, cfg=_task_config(sweep_config), hydra_cfg=sweep_config,

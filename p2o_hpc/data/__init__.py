@@ -14,6 +14,7 @@ from p2o_hpc.data.datasets import (
     load_named,
     load_problems,
     recipe_split,
+    training_problems,
 )
 from p2o_hpc.data.loader import PromptLoader
 from p2o_hpc.data.prompts import (
@@ -45,5 +46,6 @@ __all__ = [
     "recipe_split",
     "render_prompt",
     "render_user_turn",
+    "training_problems",
     "validate_template",
 ]

@@ -8,16 +8,21 @@ answer only shows up much later as a wrong reward.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from p2o_hpc.io_utils import clean_text
 from p2o_hpc.paths import shared_data_dir
 from p2o_hpc.records import Problem
+
+if TYPE_CHECKING:
+    from p2o_hpc.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +95,18 @@ def load_problems(
     a missing field, bad JSON or empty problem always raises. label becomes Problem.source (default: source).
     Zero rows in the end is an error, never an empty list.
     """
+    return _load_problems(source, split, limit, skip_unanswered, label, seen_ids={})
+
+
+def _load_problems(source: str | Path, split: str, limit: int | None, skip_unanswered: bool, label: str | None,
+                   seen_ids: dict[str, str]) -> list[Problem]:
+    """load_problems, with the ids already taken by earlier files of the same dataset (id → where)."""
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be a positive integer or None, got {limit!r}")
     source_str = str(source)
     label = label or source_str
     rows, where, stem = _open_rows(source_str, split)
-    problems = list(_problems_from_rows(rows, where, stem, label, limit, skip_unanswered))
+    problems = list(_problems_from_rows(rows, where, stem, label, limit, skip_unanswered, seen_ids))
     if not problems:
         raise DatasetError(f"dataset {source_str} has no usable rows")
     return problems
@@ -109,16 +120,37 @@ def load_named(name: str, *, limit: int | None = None) -> list[Problem]:
         rel_paths = (entry,) if isinstance(entry, str) else entry
         root = shared_data_dir()
         problems: list[Problem] = []
+        seen_ids: dict[str, str] = {}  # across the files: one dataset, one id space
         for rel in rel_paths:
             remaining = None if limit is None else limit - len(problems)
             if remaining == 0:
                 break
-            problems += load_problems(root / rel, limit=remaining, skip_unanswered=skip, label=name)
+            problems += _load_problems(root / rel, "train", remaining, skip, name, seen_ids)
         return problems
     if name in HF_DATASETS:
         return load_problems(HF_DATASETS[name], split=HF_SPLITS.get(name, "train"), limit=limit,
                              skip_unanswered=skip, label=name)
-    raise DatasetError(f"unknown dataset {name!r}; known: {sorted(DATASETS) + sorted(HF_DATASETS)}")
+    raise _unknown_dataset(name)
+
+
+def _unknown_dataset(name: str) -> DatasetError:
+    """A bare word that is no registered name: most often a typo of one (math5000), so say which."""
+    known = sorted(DATASETS) + sorted(HF_DATASETS)
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    return DatasetError(f"unknown dataset {name!r}{hint}; known: {', '.join(known)}, or a .json/.jsonl file, "
+                        "or hf:owner/name")
+
+
+def training_problems(data_cfg: DataConfig) -> list[Problem]:
+    """The configured training set (data.*) as the authors' recipe selects it, then data.limit (smoke runs).
+
+    The learner's one way to read it, and the launcher's preflight reads it the same way, so a bad row, name or
+    duplicate id fails before anything is submitted instead of in every rank after megatron's init.
+    """
+    problems = recipe_split(data_cfg.train, data_cfg.recipe, seed=data_cfg.recipe_seed, holdout=data_cfg.holdout,
+                            take=data_cfg.take).train
+    return problems[: data_cfg.limit] if data_cfg.limit else problems
 
 
 def _file_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -128,8 +160,9 @@ def _file_rows(path: Path) -> Iterator[tuple[int, Any]]:
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     if path.suffix == ".json":
+        raw = path.read_bytes()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_utf8(raw, path))
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
         if not isinstance(data, list):
@@ -138,9 +171,19 @@ def _file_rows(path: Path) -> Iterator[tuple[int, Any]]:
     return _jsonl_rows(path)
 
 
+def _utf8(raw: bytes, path: Path, first_line: int = 1) -> str:
+    """The text, or a DatasetError naming file and line (a bare UnicodeDecodeError names neither)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + raw.count(b"\n", 0, exc.start)
+        raise DatasetError(f"{path} line {line}: invalid UTF-8 ({exc.reason}, byte {raw[exc.start]:#04x})") from exc
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            line = _utf8(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -179,6 +222,7 @@ def _problems_from_rows(
     label: str,
     limit: int | None,
     skip_unanswered: bool,
+    seen_ids: dict[str, str],
 ) -> Iterator[Problem]:
     count = 0
     skipped: list[str] = []
@@ -189,6 +233,7 @@ def _problems_from_rows(
         if problem is None:
             skipped.append(where)
             continue
+        _claim_id(seen_ids, problem.id, where)
         yield problem
         count += 1
         if limit is not None and count >= limit:
@@ -226,10 +271,24 @@ def _row_to_problem(row: Any, where: str, *, default_id: str, label: str, skip_u
             return None
         raise DatasetError(f"{where}: field {answer_field!r} is empty or null")
 
-    id_field = next((f for f in ID_FIELDS if row.get(f) is not None), None)
-    problem_id = str(row[id_field]) if id_field else default_id
+    problem_id = _row_id(row, default_id)
     meta = {k: v for k, v in row.items() if k not in _META_DROP}
-    return Problem(id=problem_id, problem=text.strip(), answer=answer, source=label, meta=meta)
+    # A JSON "\ud800" escape parses into a lone surrogate, which a tokenizer refuses mid-run: cleaned here.
+    return Problem(id=clean_text(problem_id), problem=clean_text(text.strip()), answer=clean_text(answer),
+                   source=label, meta=meta)
+
+
+def _row_id(row: Any, default_id: str) -> str:
+    """The row's own id field (id, unique_id, idx), else its position in its file ("<stem>:<index>")."""
+    id_field = next((f for f in ID_FIELDS if row.get(f) is not None), None) if isinstance(row, Mapping) else None
+    return str(row[id_field]) if id_field else default_id
+
+
+def _claim_id(seen_ids: dict[str, str], problem_id: str, where: str) -> None:
+    """Ids key the loader's order, the hard set and the evolved templates: two rows with one id would share them."""
+    if problem_id in seen_ids:
+        raise DatasetError(f"duplicate problem id {problem_id!r}: {seen_ids[problem_id]} and {where}")
+    seen_ids[problem_id] = where
 
 
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
@@ -439,6 +498,9 @@ def recipe_split(
     if recipe is not None and recipe not in RECIPES:
         raise DatasetError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)} or None")
     raw = _source_rows(str(source), split)
+    seen_ids: dict[str, str] = {}
+    for item in raw:  # every row, selected or not: the selection must not decide whether a duplicate is seen
+        _claim_id(seen_ids, _row_id(item.row, item.default_id), item.where)
     if recipe is None:
         train, held = list(range(len(raw))), []
     elif recipe == "deepscaler":
@@ -485,6 +547,8 @@ def _open_rows(source: str, split: str) -> tuple[Iterator[tuple[int, Any]], Call
         rows = _hf_rows(source[len(HF_PREFIX):], split)
         return rows, (lambda pos: f"{source} (split {split!r}) row {pos}"), source[len(HF_PREFIX):].rsplit("/", 1)[-1]
     path = Path(source)
+    if not path.suffix and "/" not in source and not path.exists():
+        raise _unknown_dataset(source)  # a bare word: a dataset name, not a file (math5000)
     unit = "line" if path.suffix == ".jsonl" else "index"
     # "test:3" says nothing in an eval log; benchmarks/aime25/test.jsonl gives "aime25/test:3".
     stem = f"{path.parent.name}/{path.stem}" if path.stem in _GENERIC_STEMS and path.parent.name else path.stem
