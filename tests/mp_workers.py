@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -68,6 +69,9 @@ def learner_worker(hf_dir: str, tp: int, pp: int, actions: list[tuple], out_dir:
                 metrics.append({"step": learner.step, **step_metrics})
         elif action[0] == "save":
             save_checkpoint(learner, Path(out_dir) / "checkpoints")
+            # What a save leaves running beside the rank (a kill -9 of the rank would orphan it).
+            children = [child.cmdline() for child in psutil.Process().children(recursive=True)]
+            (Path(out_dir) / f"children_after_save_rank{dist.get_rank()}.json").write_text(json.dumps(children))
         elif action[0] == "load":
             load_checkpoint(learner, latest_checkpoint(Path(out_dir) / "checkpoints"), with_optimizer=action[1])
         elif action[0] == "export":

@@ -92,6 +92,8 @@ def test_resume_equals_uninterrupted_and_reshards_tp2_to_tp1(tiny_model_dir, tmp
     (checkpoints / "step_9").mkdir()  # a job killed mid-save leaves a folder without the marker
     assert latest_checkpoint(checkpoints) == checkpoints / "step_2"
     assert (checkpoints / "step_2" / COMPLETE_MARKER).exists()
+    for rank in (0, 1):  # megatron's results queue would leave a multiprocessing Manager process behind
+        assert json.loads((first / f"children_after_save_rank{rank}.json").read_text()) == []
 
     (resumed / "checkpoints").symlink_to(checkpoints)
     launch_local(mp_workers.learner_worker, 2, model, 2, 1, [("load", True), ("train", 1), export], str(resumed))

@@ -8,6 +8,7 @@ loaded. The saved model state is layout-independent, so a TP=2 checkpoint loads 
 from __future__ import annotations
 
 import os
+import queue
 import re
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.utils import unwrap_model
 
 from p2o_hpc.megatron.training import Learner
@@ -41,6 +43,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _results_queue_in_process() -> None:
+    """megatron's file writer returns its results through a multiprocessing Manager queue, made for async saves
+    that run in another process; the Manager's server process, spawned on the first save, outlives a killed rank
+    (and keeps the resource tracker alive with it). Our saves are synchronous, the queue's writer and reader are
+    this process, so a plain queue does the same without a process."""
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(learner: Learner, root: str | Path, *, rank_state: dict | None = None, keep: int | None = None) -> Path:
     """Collective. Returns the final folder ``root/step_<step>``.
 
@@ -55,6 +66,7 @@ def save_checkpoint(learner: Learner, root: str | Path, *, rank_state: dict | No
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
     dist.barrier()
+    _results_queue_in_process()
     dist_checkpointing.save(_sharded_state(learner, is_loading=False, with_optimizer=True), str(staging))
     if rank_state is not None:
         with open(staging / f"rank_{dist.get_rank()}.pt", "wb") as handle:
