@@ -164,6 +164,10 @@ class GEPAConfig:
     seed: int = 0
     eval_pass_at_k: bool = True  # pass@1/pass@K on dev with vs without the best template (outside the budget)
     wait_timeout_s: float = 24 * 3600.0  # blocking schedule: longest the learner waits for templates
+    # The learner gives an epoch's round up (and goes on with plain prompts) when no live GEPA service has held the
+    # service lease for this long while it waits: a killed service (its heartbeat stops; a dead pid on this host at
+    # once) that no supervisor restarted in time, or one never started. The service resumes with the next epoch.
+    service_lost_s: float = 900.0
     poll_s: float = 5.0
     resources: GEPAResources = field(default_factory=GEPAResources)
     max_restarts: int = 3  # a service job that dies while its learner lives is resubmitted this often

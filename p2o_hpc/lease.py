@@ -4,16 +4,21 @@ Used for the learner (two jobs never train into the same run dir) and the GEPA s
 (RunDir.learner_lease, RunDir.service_lease). A second holder is refused while the heartbeat is fresh; a lease
 whose holder died (heartbeat older than `stale_s`, or a dead pid on this host) is taken over, so a crashed or
 requeued job simply starts again. Works on shared file systems where flock does not.
+
+Processes a local launcher starts (learner ranks, the GEPA service) also watch the launcher itself
+(`terminate_when_gone`): a killed launcher leaves nothing running behind it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from p2o_hpc.io_utils import atomic_write_text
 
@@ -30,6 +35,22 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def terminate_when_gone(pid: int, poll_s: float = 1.0, on_gone: Callable[[], None] | None = None) -> threading.Thread:
+    """SIGTERM to this process once process `pid` is gone (a real signal: it also ends a blocking call), so the
+    process's own SIGTERM handling (unwind and release; the learner's checkpoint-and-stop) runs."""
+
+    def watch() -> None:
+        while _pid_alive(pid):
+            time.sleep(poll_s)
+        if on_gone is not None:
+            on_gone()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name=f"watch-{pid}", daemon=True)
+    thread.start()
+    return thread
 
 
 class Lease:

@@ -15,6 +15,9 @@ The two jobs of a P²O run share nothing but this folder (on a cluster, shared s
     epochs/<e>/gepa_state.json    service: the round's resumable state (a restarted service continues it)
     epochs/<e>/templates.json     service: pool, cover set, per-prompt template draws and the round's metrics
     epochs/<e>/DONE               service: templates.json is final → the learner assigns templates for epoch e+1
+    epochs/<e>/SKIPPED            learner: it gave the round up (no live service for gepa.service_lost_s); the
+                                  service goes on with the next epoch
+    epochs/<e>/templates.json.rejected[.reason]   learner: a templates.json that did not parse, set aside
     gepa_service.failed           service: it stopped on an error; the learner stops with that cause
     FINISHED                      learner: the run's last step is done; the service ends when it sees this
 
@@ -25,17 +28,28 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from p2o_hpc.config import RunConfig, to_run_config
-from p2o_hpc.io_utils import atomic_write_jsonl, atomic_write_text
+from p2o_hpc.io_utils import atomic_write_jsonl, atomic_write_text, clean_text
 from p2o_hpc.lease import Lease
 
 
 class GEPAServiceFailed(RuntimeError):
     """The GEPA service wrote its failure file: the learner stops with that cause instead of waiting."""
+
+
+@dataclass
+class ExchangeRound:
+    """What the learner takes from a finished round: templates per prompt id and the round's numbers. `rejected`:
+    why templates.json was set aside instead (then both are empty and the next epoch runs on plain prompts)."""
+
+    assignments: dict[str, list[str]] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    rejected: str | None = None
 
 
 class RunDir:
@@ -193,9 +207,11 @@ class RunDir:
     def read_templates(self, epoch: int) -> dict:
         path = self.templates(epoch)
         try:
-            document = json.loads(path.read_text())
+            document = json.loads(path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no templates for epoch {epoch}") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 ({error})") from error
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not JSON ({error})") from error
         if not isinstance(document, dict):
@@ -203,7 +219,8 @@ class RunDir:
         return document
 
     def load_assignments(self, epoch: int) -> dict[str, list[str]]:
-        """prompt id → the template texts drawn for its rollouts, from a finished templates.json."""
+        """prompt id → the template texts drawn for its rollouts, from a finished templates.json (text cleaned of
+        lone surrogates, which no tokenizer takes); a file that breaks the format is a ValueError naming it."""
         path = self.templates(epoch)
         assignments = self.read_templates(epoch).get("assignments")
         if not isinstance(assignments, dict):
@@ -211,20 +228,69 @@ class RunDir:
         for prompt_id, templates in assignments.items():
             if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
                 raise ValueError(f"{path}: assignments[{prompt_id!r}] must be a non-empty list of template strings")
-        return assignments
+        return {clean_text(prompt_id): [clean_text(t) for t in templates] for prompt_id, templates in assignments.items()}
 
     def round_metrics(self, epoch: int) -> dict:
-        """The round's numbers, which travel inside templates.json."""
-        return dict(self.read_templates(epoch).get("metrics", {}))
+        """The round's numbers, which travel inside templates.json (only numbers: they go to the metrics log)."""
+        metrics = self.read_templates(epoch).get("metrics", {})
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{self.templates(epoch)}: 'metrics' is not an object")
+        return {clean_text(str(k)): v for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-    def wait_for_templates(self, epoch: int, *, timeout_s: float, poll_s: float) -> None:
-        """Learner: until epoch `epoch`'s DONE; a failed service or the timeout stops the run with the cause."""
+    def take_round(self, epoch: int) -> ExchangeRound:
+        """The learner's one reader of a finished round. A templates.json that does not parse or breaks the format
+        is set aside (templates.json.rejected, the reason beside it) and the round counts as empty: a bad file
+        costs one epoch's templates, never a crash (nor a crash loop on resume, which would read it again)."""
+        path = self.templates(epoch)
+        earlier = self.rejected_round(epoch)
+        if earlier is not None and not path.exists():  # set aside before (a resumed run reads the round again)
+            return ExchangeRound(rejected=earlier)
+        try:
+            return ExchangeRound(self.load_assignments(epoch), self.round_metrics(epoch))
+        except (OSError, ValueError) as error:
+            reason = clean_text(f"{type(error).__name__}: {error}")
+        aside = path.with_name(path.name + ".rejected")
+        if path.exists():
+            path.replace(aside)
+        atomic_write_text(aside.with_name(aside.name + ".reason"), reason + "\n")
+        return ExchangeRound(rejected=reason)
+
+    def rejected_round(self, epoch: int) -> str | None:
+        """Why epoch `epoch`'s templates.json was set aside, if it was."""
+        try:
+            return (self.epoch(epoch) / "templates.json.rejected.reason").read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def mark_skipped(self, epoch: int, reason: str) -> None:
+        """Learner: it went on without this round; a (restarted) service skips it too."""
+        atomic_write_text(self.epoch(epoch) / "SKIPPED", reason.rstrip() + "\n")
+
+    def skipped(self, epoch: int) -> bool:
+        return (self.epoch(epoch) / "SKIPPED").exists()
+
+    def wait_for_templates(self, epoch: int, *, timeout_s: float, poll_s: float, service_lost_s: float) -> bool:
+        """Learner: until epoch `epoch`'s DONE (True). False when no live service held the service lease for
+        `service_lost_s` (killed and not restarted in time, or never started): the round is marked SKIPPED and the
+        learner goes on without it. A failed service or the timeout stops the run with the cause."""
+        lease = self.service_lease()
         deadline = time.monotonic() + timeout_s
+        last_alive = time.monotonic()
         while not self.done(epoch):
             failure = self.service_failure()
             if failure is not None:
                 raise GEPAServiceFailed(f"the GEPA service failed ({self.service_failure_file}): {failure}")
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if lease.live_holder() is not None:
+                last_alive = now
+            elif now - last_alive > service_lost_s:
+                holder = lease.holder()
+                self.mark_skipped(epoch, f"no live GEPA service for gepa.service_lost_s={service_lost_s} s "
+                                         f"(last holder of {lease.path.name}: {holder or 'none'})")
+                return False
+            if now > deadline:
                 raise TimeoutError(f"no {self.epoch(epoch) / 'DONE'} after gepa.wait_timeout_s={timeout_s}: "
                                    "is the GEPA service running?")
             time.sleep(poll_s)
+        return True

@@ -10,6 +10,7 @@ import pytest
 from test_grpo_loop import launch, metrics
 
 from p2o_hpc.data import load_named
+from p2o_hpc.megatron.checkpointing import latest_checkpoint
 from p2o_hpc.run_dir import RunDir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.multiproc]
@@ -46,3 +47,31 @@ def test_templates_are_rolled_out_and_distilled(tmp_path, algorithm, parallel):
             assert math.isfinite(row["p2o/cd_ratio_max"])
         else:
             assert "p2o/cd_ratio_mean" not in row
+
+
+def test_a_failed_epoch_end_loses_no_step_and_a_corrupt_templates_file_no_run(tmp_path):
+    """The epoch's end (hard set, GEPA exchange) fails after step 2: its checkpoint is already written. The resume
+    finds a truncated templates.json (with DONE) and a torn metrics line: the file is set aside, the step's line is
+    written once, the next epoch runs on plain prompts."""
+    run_dir = tmp_path / "run"
+    blocker = RunDir(run_dir).hard_set(0)
+    blocker.mkdir(parents=True)  # the hard set cannot be written: the epoch's end raises
+    overrides = ["experiment=smoke", "algorithm=p2o", "parallel=tp1", "data.limit=8", "algorithm.max_steps=4",
+                 "gepa.mode=off", "trainer.save_every=4", "logging.wandb.mode=disabled"]
+    failed = launch(run_dir, *overrides, expect_ok=False)
+    assert failed.returncode != 0 and "hard_set.jsonl" in failed.stderr
+    assert latest_checkpoint(run_dir / "checkpoints") is not None  # step 2's (no regular one is due before step 4)
+    assert [row["step"] for row in metrics(run_dir)] == [1]
+
+    blocker.rmdir()
+    RunDir(run_dir).publish_templates(0, {})
+    RunDir(run_dir).templates(0).write_text('{"assignments": {"math500:0": ["Wor')
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 2, "reward/me')
+    launch(run_dir, *overrides)
+    rows = metrics(run_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert "reward/mean" in rows[1] and "hard/size" in rows[1]  # the step's own numbers and its epoch's end
+    assert rows[1]["p2o/templates_file_rejected"] == 1 and rows[1]["p2o/next_epoch_assigned_prompts"] == 0
+    assert (RunDir(run_dir).epoch(0) / "templates.json.rejected").exists()
+    assert all(row["p2o/templated_frac"] == 0.0 for row in rows[2:])

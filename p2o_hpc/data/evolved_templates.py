@@ -41,7 +41,10 @@ def rejection_reason(template: str, tokenizer: Any, max_tokens: int) -> str | No
     forged = [text for text in special_token_texts(tokenizer) if text in template]
     if forged:
         return f"contains the chat template's special tokens {forged}"
-    length = len(tokenizer(template, add_special_tokens=False)["input_ids"])
+    try:
+        length = len(tokenizer(template, add_special_tokens=False)["input_ids"])
+    except (TypeError, ValueError, UnicodeError) as error:  # e.g. a lone surrogate the exchange did not clean
+        return f"not tokenizable ({type(error).__name__}: {str(error)[:80]})"
     if length > max_tokens:
         return f"{length} tokens > the template budget of {max_tokens}"
     return None

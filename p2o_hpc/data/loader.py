@@ -63,6 +63,10 @@ class PromptLoader:
         return self._batch_size
 
     @property
+    def problem_ids(self) -> frozenset[str]:
+        return frozenset(problem.id for problem in self._problems)
+
+    @property
     def epoch_finished(self) -> bool:
         """True when the last next_batch() returned the final batch of an epoch."""
         return self._epoch_finished

@@ -149,7 +149,7 @@ def run_round(run_dir: RunDir, epoch: int, settings: GEPASettings, evaluate, pro
     The reflection feedback's tokens are counted with the evaluator's (the policy's) tokenizer, when it has one.
     """
     if run_dir.done(epoch):
-        return run_dir.round_metrics(epoch)
+        return run_dir.take_round(epoch).metrics
     items = read_hard_set(run_dir, epoch)
     engine = GEPAEngine(items, evaluate, propose, settings, tokenizer=getattr(evaluate, "tokenizer", None))
     document = engine.run(run_dir.gepa_state(epoch)).to_json()

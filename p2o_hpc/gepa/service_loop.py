@@ -4,7 +4,9 @@ For each epoch t it waits for the learner's READY (hard set + exported policy), 
 vLLM engine, evolves templates with GEPA (reflection by the reference model behind a local server, or a teacher
 endpoint) and publishes the epoch's templates then DONE; it ends on the learner's FINISHED. The run dir's
 service lease keeps it to one instance per run; a restarted service resumes each round from its saved state.
-The files and their order are RunDir's protocol (p2o_hpc.run_dir).
+The files and their order are RunDir's protocol (p2o_hpc.run_dir). Started by a local launcher, it is given
+the launcher's pid and stops when that process is gone (a killed launcher leaves no service behind); on SLURM
+the launcher's supervision cancels it.
 """
 
 from __future__ import annotations
@@ -13,16 +15,21 @@ import time
 
 from rich.console import Console
 
-from p2o_hpc.lease import LeaseHeld
+from p2o_hpc.lease import LeaseHeld, terminate_when_gone
 from p2o_hpc.run_dir import RunDir
 
 
-def run_service(run_dir: RunDir, console: Console, *, max_rounds: int | None = None) -> int:
+def run_service(run_dir: RunDir, console: Console, *, max_rounds: int | None = None,
+                parent_pid: int | None = None) -> int:
     """The service under its lease; an error is also written as the run's service failure, so the learner stops
-    with that cause instead of waiting for templates. Exit status: 0 ok, 2 no config.yaml, 3 the lease is held."""
+    with that cause instead of waiting for templates. `parent_pid`: stop (as on SIGTERM) when that process (a local
+    launcher) is gone. Exit status: 0 ok, 2 no config.yaml, 3 the lease is held."""
     if not run_dir.config.is_file():
         console.print(f"[red]error:[/red] {run_dir.config}: no such file (not a run dir?)")
         return 2
+    if parent_pid is not None:
+        terminate_when_gone(parent_pid, on_gone=lambda: console.print(
+            f"GEPA service: the launcher (pid {parent_pid}) is gone: stopping"))
     try:
         with run_dir.service_lease():
             run_dir.clear_service_failed()
@@ -48,7 +55,7 @@ def serve(run_dir: RunDir, console: Console, *, max_rounds: int | None = None) -
     epoch = rounds = 0
     try:
         while max_rounds is None or rounds < max_rounds:
-            if run_dir.done(epoch):
+            if run_dir.done(epoch) or run_dir.skipped(epoch):  # published, or given up by the learner
                 epoch += 1
                 continue
             if not run_dir.ready(epoch):

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from p2o_hpc.lease import terminate_when_gone
 from p2o_hpc.megatron import cpu_compat
 
 DEFAULT_INIT_TIMEOUT_S = 120
@@ -88,7 +89,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tuple, launcher_pid: int) -> None:
+    terminate_when_gone(launcher_pid)  # a killed launcher: its ranks stop as on SIGTERM (checkpoint, then exit)
     os.environ.update(
         RANK=str(local_rank),
         LOCAL_RANK=str(local_rank),
@@ -122,4 +124,5 @@ def launch_local(fn: Callable, world_size: int, *args) -> None:
 
     `fn` must be importable (module level) because the processes are spawned, as vLLM and dist_checkpointing need.
     """
-    mp.start_processes(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(world_size, free_port(), fn, args, os.getpid()), nprocs=world_size,
+                       start_method="spawn", join=True)

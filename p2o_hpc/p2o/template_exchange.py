@@ -36,13 +36,20 @@ class TemplateExchange:
     # -- epoch boundary -----------------------------------------------------------------------------------
 
     def end_epoch(self, epoch: int, hard_ids: list[str], loader, policy: Policy) -> dict:
-        """Collective: GEPA gets epoch `epoch`'s hard set; returns the metrics of the exchange."""
-        if self.cfg.gepa.schedule == "overlap" and not self.run_dir.done(epoch):
+        """Collective: GEPA gets epoch `epoch`'s hard set; returns the metrics of the exchange. Safe to repeat (a
+        resumed run whose checkpoint was taken at this epoch's end does it again): the policy is exported and READY
+        written once, a finished round is only read."""
+        gepa = self.cfg.gepa
+        if gepa.schedule == "overlap" and not self._settled(epoch):
             self._hand_over(epoch, policy)
             self.assignments, self.awaiting, self.deferred_ids = {}, epoch, sorted(hard_ids)
             return {"p2o/deferred_prompts": loader.defer(hard_ids)}
-        metrics = self._evolve_blocking(epoch, policy)
-        self.assignments = self._finished_assignments(epoch)
+        metrics = {}
+        if gepa.mode != "off" and not self._settled(epoch):  # off: only templates already on disk are used
+            started = time.perf_counter()
+            self._evolve_blocking(epoch, policy)
+            metrics["p2o/learner_idle_s"] = time.perf_counter() - started
+        metrics.update(self._take(epoch, loader))
         metrics["p2o/next_epoch_assigned_prompts"] = len(self.assignments)
         return metrics
 
@@ -58,13 +65,13 @@ class TemplateExchange:
             started = time.perf_counter()
             if needs:
                 self._wait(epoch)
-            verdict[0] = (self.run_dir.done(epoch), time.perf_counter() - started)
+            verdict[0] = (self._settled(epoch), time.perf_counter() - started)
         dist.broadcast_object_list(verdict, src=0)
-        done, idle = verdict[0]
+        settled, idle = verdict[0]
         metrics = {"p2o/learner_idle_s": idle} if needs else {}
-        if done:
-            self.assignments, self.awaiting = self.run_dir.load_assignments(epoch), None
-            metrics.update(self.run_dir.round_metrics(epoch))
+        if settled:
+            metrics.update(self._take(epoch, loader))
+            self.awaiting = None
             metrics["p2o/templates_landed_epoch"] = epoch
         return metrics
 
@@ -76,15 +83,14 @@ class TemplateExchange:
 
     # -- the two ways of running a round ------------------------------------------------------------------
 
-    def _evolve_blocking(self, epoch: int, policy: Policy) -> dict:
+    def _settled(self, epoch: int) -> bool:
+        """The round is over: published (DONE) or given up (SKIPPED)."""
+        return self.run_dir.done(epoch) or self.run_dir.skipped(epoch)
+
+    def _evolve_blocking(self, epoch: int, policy: Policy) -> None:
         """service: export the policy, READY, wait for DONE. inline: the engine host runs the round on its own
         engine (the authors' single-box layout)."""
-        gepa = self.cfg.gepa
-        if gepa.mode == "off" or self.run_dir.done(epoch):
-            return {}
-        started = time.perf_counter()
-        metrics: dict = {}
-        if gepa.mode == "service":
+        if self.cfg.gepa.mode == "service":
             self._hand_over(epoch, policy)
             if self.rank == 0:
                 self.console.print(f"epoch {epoch}: waiting for the GEPA service's templates")
@@ -92,22 +98,29 @@ class TemplateExchange:
         else:
             policy.sync_engine()  # the engine must hold the policy the epoch ended with
             if self.rank == 0:
-                metrics = self._inline_round(epoch, policy.engine)
+                self._inline_round(epoch, policy.engine)
         dist.barrier()
-        if not metrics and self.run_dir.done(epoch):
-            metrics = self.run_dir.round_metrics(epoch)
-        metrics["p2o/learner_idle_s"] = time.perf_counter() - started
-        return metrics
 
     def _hand_over(self, epoch: int, policy: Policy) -> None:
-        """Collective: the epoch's policy as a HF folder next to its hard set, then READY for the service."""
+        """Collective: the epoch's policy as a HF folder next to its hard set, then READY for the service. Once
+        READY exists the folder is the service's to read: a repeated hand-over leaves it alone."""
+        ready = [self.run_dir.ready(epoch)]
+        dist.broadcast_object_list(ready, src=0)
+        if ready[0]:
+            return
         policy.export_hf(self.run_dir.policy(epoch))
         if self.rank == 0:
             self.run_dir.mark_ready(epoch)
 
     def _wait(self, epoch: int) -> None:
-        """Rank 0: until DONE; a failed service or gepa.wait_timeout_s stops the run with the cause."""
-        self.run_dir.wait_for_templates(epoch, timeout_s=self.cfg.gepa.wait_timeout_s, poll_s=self.cfg.gepa.poll_s)
+        """Rank 0: until DONE, or until the round is given up because no live service held its lease for
+        gepa.service_lost_s; a failed service or gepa.wait_timeout_s stops the run with the cause."""
+        gepa = self.cfg.gepa
+        if not self.run_dir.wait_for_templates(epoch, timeout_s=gepa.wait_timeout_s, poll_s=gepa.poll_s,
+                                               service_lost_s=gepa.service_lost_s):
+            self.console.print(f"[yellow]warning:[/yellow] epoch {epoch}: no live GEPA service for "
+                               f"gepa.service_lost_s={gepa.service_lost_s:g} s: the round is skipped, the next "
+                               "epoch runs on plain prompts")
 
     def _inline_round(self, epoch: int, engine) -> dict:
         from p2o_hpc.gepa.runner import Reflection, configured_round
@@ -117,13 +130,38 @@ class TemplateExchange:
             self.reflection = Reflection(self.cfg.reflection, resolve_model_dir(self.cfg.model.path), self.run_dir.logs)
         return configured_round(self.cfg, self.run_dir, epoch, engine, self.reflection)
 
-    def _finished_assignments(self, epoch: int) -> dict[str, list[str]]:
-        """The templates GEPA evolved on this epoch's hard set, for the next epoch ({} when there are none)."""
+    def _take(self, epoch: int, loader) -> dict:
+        """Collective: rank 0 reads the finished round (a bad templates.json is set aside: RunDir.take_round) and
+        every rank gets the same templates, for the prompts this run trains on."""
+        box = [None]
+        if self.rank == 0:
+            box[0] = self._read_round(epoch, loader.problem_ids)
+        dist.broadcast_object_list(box, src=0)
+        self.assignments, metrics = box[0]
+        return metrics
+
+    def _read_round(self, epoch: int, known_ids) -> tuple[dict[str, list[str]], dict]:
+        """Rank 0: (assignments, metrics) of a settled round; what went wrong is said once and counted."""
         if not self.run_dir.done(epoch):
-            if self.rank == 0:
-                self.console.print(f"epoch {epoch}: no templates (epochs/{epoch}/DONE missing): next epoch is plain GRPO")
-            return {}
-        return self.run_dir.load_assignments(epoch)
+            skipped = self.run_dir.skipped(epoch)
+            why = "the round was skipped" if skipped else f"epochs/{epoch}/DONE missing"
+            self.console.print(f"epoch {epoch}: no templates ({why}): next epoch is plain GRPO")
+            return {}, ({"p2o/round_skipped": 1} if skipped else {})
+        round_ = self.run_dir.take_round(epoch)
+        if round_.rejected is not None:
+            self.console.print(f"[yellow]warning:[/yellow] epoch {epoch}: {self.run_dir.templates(epoch).name} set "
+                               f"aside ({round_.rejected}): next epoch is plain GRPO")
+            return {}, {"p2o/templates_file_rejected": 1}
+        interned: dict[str, str] = {}  # one object per distinct template: the broadcast pickles each once
+        assignments = {pid: [interned.setdefault(t, t) for t in templates]
+                       for pid, templates in round_.assignments.items() if pid in known_ids}
+        metrics = dict(round_.metrics)
+        unknown = len(round_.assignments) - len(assignments)
+        if unknown:
+            self.console.print(f"[yellow]warning:[/yellow] epoch {epoch}: {unknown} prompt ids in "
+                               f"{self.run_dir.templates(epoch).name} are not in the training set: ignored")
+            metrics["p2o/unknown_prompt_ids"] = unknown
+        return assignments, metrics
 
     def close(self) -> None:
         if self.reflection is not None:

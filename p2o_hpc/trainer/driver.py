@@ -31,7 +31,7 @@ from rich.console import Console
 
 from p2o_hpc.algo.hard_mining import HardSampleMiner
 from p2o_hpc.config import RunConfig, to_run_config
-from p2o_hpc.data import Problem, PromptLoader, recipe_split
+from p2o_hpc.data import PromptLoader, training_problems
 from p2o_hpc.megatron.checkpointing import latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
 from p2o_hpc.megatron.distributed import init_megatron
 from p2o_hpc.records import StepBatch
@@ -43,13 +43,6 @@ from p2o_hpc.trainer.preemption import StopSignal
 from p2o_hpc.trainer.rollout_side import OffPolicySchedule, RolloutSide
 from p2o_hpc.trainer.state import TrainerState
 from p2o_hpc.trainer.step_metrics import step_metrics
-
-
-def training_problems(data_cfg) -> list[Problem]:
-    """The configured training set as the authors' recipe selects it (and an optional limit for smoke runs)."""
-    problems = recipe_split(data_cfg.train, data_cfg.recipe, seed=data_cfg.recipe_seed, holdout=data_cfg.holdout,
-                            take=data_cfg.take).train
-    return problems[: data_cfg.limit] if data_cfg.limit else problems
 
 
 def rank_placement(local_rank: int) -> dict:
@@ -99,7 +92,10 @@ class GRPODriver:
                 self.sink = MetricsSink(run_dir, wandb_mode=str(wandb.mode), project=wandb.project,
                                         entity=wandb.entity, name=wandb.name or run_dir.name, group=wandb.group,
                                         config=asdict(cfg))
-                self.sink.truncate_after(self.state.step)
+                # A pending epoch end (see TrainerState.epoch_end) writes its step's line again.
+                torn = self.sink.truncate_after(self.state.step - (self.state.epoch_end is not None))
+                if torn:
+                    self.console.print(f"[yellow]warning:[/yellow] {run_dir.metrics}: dropped {torn} torn line(s)")
         except BaseException:
             self.close()  # a half-built driver must not leave its vLLM child behind
             raise
@@ -140,11 +136,22 @@ class GRPODriver:
         metrics["time/step"] = time.perf_counter() - started
         state.step += 1
         state.miner.add_batch(batch)
-        if batch.epoch_finished:
-            metrics.update(self._end_epoch(batch.epoch))
+        if batch.epoch_finished:  # checkpoint before the epoch's end: a failure there loses no step
+            state.epoch_end = {"epoch": batch.epoch, "metrics": metrics}
+            self.save()
+        return self._finish_step(metrics)
+
+    def _finish_step(self, metrics: dict) -> dict:
+        """The epoch's end when the step finished one (hard set, GEPA exchange), the metrics line, the regular
+        checkpoint. A resumed run whose checkpoint holds a pending epoch end starts here."""
+        state = self.state
+        if state.epoch_end is not None:
+            metrics = {**state.epoch_end["metrics"], **self._end_epoch(state.epoch_end["epoch"])}
+            state.epoch_end = None
         if self.sink is not None:
             self.sink.log(metrics, state.step)
-        if state.step % self.cfg.trainer.save_every == 0 or batch.epoch_finished or state.step == self.stop_step:
+        due = state.step % self.cfg.trainer.save_every == 0 or state.step == self.stop_step
+        if due and self.saved_step != state.step:
             self.save()
         return metrics
 
@@ -204,6 +211,8 @@ class GRPODriver:
         try:
             with progress:
                 task = progress.add_task("", total=self.total_steps, completed=self.state.step)
+                if self.state.epoch_end is not None:  # resumed from the checkpoint taken at an epoch's end
+                    self._finish_step({})
                 while self.state.step < self.stop_step:
                     metrics = self.train_step()
                     progress.update(task, advance=1, description=(

@@ -59,13 +59,25 @@ class MetricsSink:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop rows of steps after the checkpoint (they will be recomputed)."""
+    def truncate_after(self, step: int) -> int:
+        """On resume: drop rows of steps after the checkpoint (they will be recomputed), and any line that is not
+        a whole record (a job killed mid-write tears its last line). Returns how many torn lines were dropped."""
         if not self.path.exists():
-            return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["step"] <= step]
+            return 0
+        kept, torn = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row_step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+                continue
+            if row_step <= step:
+                kept.append(line)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        return torn
 
     def close(self) -> None:
         if self._wandb is not None:

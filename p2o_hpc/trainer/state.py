@@ -39,15 +39,20 @@ class TrainerState:
         self.step = 0
         self.loader, self.miner, self.hooks = loader, miner, hooks
         self.pending: StepBatch | None = None  # one-step off-policy: the next step's batch, generated ahead
+        # A step that finished an epoch is checkpointed before the epoch's end (the GEPA exchange may wait for hours
+        # or fail): {"epoch", "metrics"} until its metrics line is written, so a resumed run does only that part again.
+        self.epoch_end: dict | None = None
 
     def state_dict(self) -> dict:
         return {"step": self.step, "loader": self.loader.state_dict(), "miner": self.miner.state_dict(),
-                "pending": self.pending, "p2o": self.hooks.state_dict(), "rng": rng_state()}
+                "pending": self.pending, "p2o": self.hooks.state_dict(), "rng": rng_state(),
+                "epoch_end": self.epoch_end}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         self.miner.load_state_dict(state["miner"])
         self.pending = state["pending"]
+        self.epoch_end = state.get("epoch_end")
         self.hooks.load_state_dict(state.get("p2o", {}))
         set_rng_state(state["rng"])
