@@ -158,6 +158,11 @@ class RunDir:
     def clear_service_failed(self) -> None:
         self.service_failure_file.unlink(missing_ok=True)
 
+    def service_ended_on_purpose(self) -> bool:
+        """The service ended by itself: the run finished, or it reported a failure (the learner stops with that
+        cause). A supervisor restarts a service that died otherwise."""
+        return self.finished() or self.service_failure() is not None
+
     # -- one epoch's exchange -----------------------------------------------------------------------------
 
     def epoch(self, epoch: int) -> Path:
@@ -221,20 +226,25 @@ class RunDir:
     def load_assignments(self, epoch: int) -> dict[str, list[str]]:
         """prompt id → the template texts drawn for its rollouts, from a finished templates.json (text cleaned of
         lone surrogates, which no tokenizer takes); a file that breaks the format is a ValueError naming it."""
-        path = self.templates(epoch)
-        assignments = self.read_templates(epoch).get("assignments")
+        return self._assignments(self.read_templates(epoch), self.templates(epoch))
+
+    @staticmethod
+    def _assignments(document: dict, path: Path) -> dict[str, list[str]]:
+        assignments = document.get("assignments")
         if not isinstance(assignments, dict):
             raise ValueError(f"{path}: missing the 'assignments' object (prompt id → list of templates)")
         for prompt_id, templates in assignments.items():
             if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
                 raise ValueError(f"{path}: assignments[{prompt_id!r}] must be a non-empty list of template strings")
-        return {clean_text(prompt_id): [clean_text(t) for t in templates] for prompt_id, templates in assignments.items()}
+        return {clean_text(prompt_id): [clean_text(t) for t in templates]
+                for prompt_id, templates in assignments.items()}
 
-    def round_metrics(self, epoch: int) -> dict:
+    @staticmethod
+    def _round_metrics(document: dict, path: Path) -> dict:
         """The round's numbers, which travel inside templates.json (only numbers: they go to the metrics log)."""
-        metrics = self.read_templates(epoch).get("metrics", {})
+        metrics = document.get("metrics", {})
         if not isinstance(metrics, dict):
-            raise ValueError(f"{self.templates(epoch)}: 'metrics' is not an object")
+            raise ValueError(f"{path}: 'metrics' is not an object")
         return {clean_text(str(k)): v for k, v in metrics.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -247,7 +257,8 @@ class RunDir:
         if earlier is not None and not path.exists():  # set aside before (a resumed run reads the round again)
             return ExchangeRound(rejected=earlier)
         try:
-            return ExchangeRound(self.load_assignments(epoch), self.round_metrics(epoch))
+            document = self.read_templates(epoch)  # parsed once for both parts
+            return ExchangeRound(self._assignments(document, path), self._round_metrics(document, path))
         except (OSError, ValueError) as error:
             reason = clean_text(f"{type(error).__name__}: {error}")
         aside = path.with_name(path.name + ".rejected")

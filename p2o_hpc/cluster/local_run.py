@@ -76,8 +76,7 @@ class LocalServiceSupervisor:
                 code = self.process.poll()
                 if code is None or code == 0:
                     continue  # running, or ended by itself on FINISHED
-                ended_on_purpose = self.run_dir.finished() or self.run_dir.service_failure() is not None
-                if ended_on_purpose or code in (2, 3) or self.restarts >= self.max_restarts:
+                if self.run_dir.service_ended_on_purpose() or code in (2, 3) or self.restarts >= self.max_restarts:
                     return  # its failure stops the learner; 2: not a run dir, 3: another live service holds the lease
                 self.restarts += 1
                 self.console.print(f"[yellow]GEPA service (pid {self.process.pid}) ended with status {code} while "

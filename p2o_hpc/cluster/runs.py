@@ -197,8 +197,7 @@ def poll_slurm(handle: RunHandle, console: Console) -> None:
     # A service that ended by itself (COMPLETED: it saw FINISHED, just before the learner's job ended) or that
     # reported a failure (the learner stops with that cause) is not restarted; one that died is.
     died = service_state in TERMINAL and service_state != "COMPLETED"
-    ended_on_purpose = handle.run_dir.finished() or handle.run_dir.service_failure() is not None
-    if learner_alive and died and not ended_on_purpose:
+    if learner_alive and died and not handle.run_dir.service_ended_on_purpose():
         if len(handle.service_jobs) <= handle.cfg.gepa.max_restarts:
             console.print(f"[yellow]{handle.name}: GEPA service job {handle.service.job_id} ended ({service_state}) "
                           f"while the learner runs: resubmitting[/yellow]")
