@@ -130,6 +130,9 @@ def ppo_clip_loss(
     clamped to ±20 before exp, as verl does, so one wild token cannot overflow.
     Returns (per-token loss, per-token 0/1 "the clip was active") — the latter is the clip fraction's numerator.
     """
+    if old_logprobs is None or advantages is None:
+        raise ValueError("ppo_clip needs old_logprobs and advantages (an RL batch); supervised batches, which have "
+                         "neither, train with algorithm.policy_loss=sft")
     ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -137,6 +140,26 @@ def ppo_clip_loss(
     if dual_clip_c is not None:
         loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip_c), loss)
     return loss, (clipped > unclipped).to(logprobs.dtype)
+
+
+@register_policy_loss(PolicyLoss.sft)
+def sft_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    advantages: torch.Tensor | None = None,
+    *,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    dual_clip_c: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supervised fine-tuning: the per-token negative log-likelihood −log π_θ(y_t | x, y_<t).
+
+    A policy loss by signature only, so SFT batches go through the same loss function, aggregation
+    (algorithm.loss_agg over the response mask: prompt and padding never train) and megatron train step as RL.
+    It is not an RL loss with advantages of 1: old log-probs, advantages and the clip settings are not inputs
+    of it (an SFT batch has none; they may be None). Returns (per-token NLL, zeros: nothing is clipped).
+    """
+    return -logprobs, torch.zeros_like(logprobs)
 
 
 # ---------------------------------------------------------------------------------------------------- KL

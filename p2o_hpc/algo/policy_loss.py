@@ -3,7 +3,8 @@ then the registered policy loss, KL penalty and aggregation.
 
 Micro-batch keys (all right-padded to the micro-batch's longest sequence):
   input_ids [b, s]; response_mask [b, s] (1 where the token is a response token, i.e. a training target);
-  old_logprobs [b, s-1] (behaviour log-probs aligned with next-token positions); advantages [b];
+  old_logprobs [b, s-1] (behaviour log-probs aligned with next-token positions); advantages [b]
+  (both absent in supervised batches, which train with policy_loss=sft: input_ids and response_mask only);
   ref_logprobs [b, s-1] (only with a KL term);
   cd_weight [b, s-1] (P²O context distillation: per-token weights from the π(y|x)/π(y|x̃) ratio mask; absent = 1).
 
@@ -35,9 +36,11 @@ def make_policy_loss_fn(vocab_size: int, algo: AlgorithmConfig):
     def loss_fn(batch, logits_shard):
         logprobs = next_token_logprobs(logits_shard, batch["input_ids"], vocab_size)
         mask = target_mask(batch)
-        advantages = batch["advantages"].float()[:, None].expand_as(logprobs)
+        advantages = batch.get("advantages")
+        if advantages is not None:
+            advantages = advantages.float()[:, None].expand_as(logprobs)
         per_token, clipped = policy_loss(
-            logprobs, batch["old_logprobs"], advantages, clip_low=algo.clip_low, clip_high=algo.clip_high,
+            logprobs, batch.get("old_logprobs"), advantages, clip_low=algo.clip_low, clip_high=algo.clip_high,
             dual_clip_c=algo.dual_clip_c,
         )
         if "cd_weight" in batch:

@@ -48,7 +48,8 @@ def _break_qkv_layout(model, hf_dir, arch) -> None:
                 param.copy_(naive.chunk(tp_size, dim=0)[tp_rank])
 
 
-def _hf_reference(hf_dir: str, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def hf_reference(hf_dir: str | Path, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' fp32 logits and next-token log-probs of the folder on a right-padded batch (on the CPU)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
@@ -68,21 +69,31 @@ def _worker(hf_dir: str, tp: int, pp: int, batch: int, seq: int, seed: int, nega
         _break_qkv_layout(model, hf_dir, arch)
 
     input_ids, attention_mask = make_batch(arch.vocab_size, batch, seq, seed)
+    diffs = hf_parity(model, arch, hf_dir, input_ids, attention_mask)
+    if dist.get_rank() == 0:
+        Path(result_path).write_text(json.dumps(diffs))
+
+
+def hf_parity(model, arch, hf_dir: str | Path, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor) -> dict[str, float]:
+    """Collective: max |megatron − transformers| of the logits and log-probs on the valid positions of a
+    right-padded batch, for the megatron `model` as it is now against the HF folder `hf_dir` (the import check,
+    and a trained model against its export). The same numbers come back on every rank."""
 
     def collect(micro_batch, logits_shard):
         full_logits = gather_from_tensor_model_parallel_region(logits_shard)[..., : arch.vocab_size]
         return {"logits": full_logits, "logprobs": next_token_logprobs(logits_shard, micro_batch["input_ids"], arch.vocab_size)}
 
-    outputs = forward_collect(model, [{"input_ids": input_ids}], collect)
-    diffs = torch.zeros(2, dtype=torch.float64)
+    device = torch.cuda.current_device()
+    outputs = forward_collect(model, [{"input_ids": input_ids.to(device)}], collect)
+    diffs = torch.zeros(2, dtype=torch.float64, device=device)
     if outputs and parallel_state.get_tensor_model_parallel_rank() == 0:
-        ref_logits, ref_logprobs = _hf_reference(hf_dir, input_ids, attention_mask)
-        valid = attention_mask.bool()
-        diffs[0] = (outputs[0]["logits"] - ref_logits)[valid].abs().max()
-        diffs[1] = (outputs[0]["logprobs"] - ref_logprobs)[valid[:, 1:]].abs().max()
+        ref_logits, ref_logprobs = hf_reference(hf_dir, input_ids.cpu(), attention_mask.cpu())
+        valid = attention_mask.cpu().bool()
+        diffs[0] = (outputs[0]["logits"].cpu() - ref_logits)[valid].abs().max()
+        diffs[1] = (outputs[0]["logprobs"].cpu() - ref_logprobs)[valid[:, 1:]].abs().max()
     dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
-    if dist.get_rank() == 0:
-        Path(result_path).write_text(json.dumps({"max_abs_logit_diff": diffs[0].item(), "max_abs_logprob_diff": diffs[1].item()}))
+    return {"max_abs_logit_diff": diffs[0].item(), "max_abs_logprob_diff": diffs[1].item()}
 
 
 def compare_with_hf(

@@ -155,9 +155,10 @@ def train_step(learner: Learner, micro_batches: list[dict[str, torch.Tensor]], l
     # over PP (its first value says how many metrics follow, which only the last stage knows).
     last_stage = parallel_state.get_pipeline_model_parallel_last_rank()
     pp_group = parallel_state.get_pipeline_model_parallel_group()
-    count = torch.tensor([len(losses[0]["loss"]) if losses else 0])
+    device = torch.cuda.current_device()  # NCCL reduces device tensors only (the CPU compat layer maps it to the CPU)
+    count = torch.tensor([len(losses[0]["loss"]) if losses else 0], device=device)
     torch.distributed.broadcast(count, src=last_stage, group=pp_group)
-    totals = torch.zeros(int(count), dtype=torch.float64)
+    totals = torch.zeros(int(count), dtype=torch.float64, device=device)
     for item in losses:
         totals += item["loss"].double()
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
