@@ -43,6 +43,7 @@ class Advantage(StrEnum):  # algorithm.advantage; core_algos.ADVANTAGE_ESTIMATOR
 
 class PolicyLoss(StrEnum):  # algorithm.policy_loss; core_algos.POLICY_LOSSES
     ppo_clip = auto()
+    sft = auto()  # supervised: masked NLL of the response tokens (p2o_hpc.trainer.sft)
 
 
 class KLPenalty(StrEnum):  # algorithm.kl_penalty; core_algos.KL_PENALTIES
@@ -94,6 +95,7 @@ class ReflectionKind(StrEnum):  # reflection.kind
     self = auto()
     teacher = auto()
     none = auto()
+    edit = auto()  # offline GrIPS-style edits, no LLM (p2o_hpc.gepa.edit_mutation); not the paper's operator
 
 
 class ClusterKind(StrEnum):  # cluster.kind

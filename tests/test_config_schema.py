@@ -167,12 +167,12 @@ def test_a_registration_outside_the_enum_is_refused():
 
 
 @pytest.mark.parametrize("key, allowed", [
-    ("algorithm.policy_loss", "ppo_clip"),
+    ("algorithm.policy_loss", "ppo_clip, sft"),
     ("algorithm.advantage", "grpo, grpo_no_std"),
     ("algorithm.kl_penalty", "low_var_kl, k1"),
     ("algorithm.loss_agg", "token-mean, seq-mean-token-mean"),
     ("gepa.mode", "service, inline, off"),
-    ("reflection.kind", "self, teacher, none"),
+    ("reflection.kind", "self, teacher, none, edit"),
     ("model.params_dtype", "fp32, bf16, fp16"),
     ("data.recipe", "deepscaler, deepmath"),
 ])  # fmt: skip

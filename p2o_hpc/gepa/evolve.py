@@ -3,6 +3,9 @@
 The engine is pure bookkeeping around two injected callables, so it runs in tests without a model:
     evaluate(template, items) -> [Evaluation]   policy rollouts, one metric call per item
     propose(prompt_text) -> str                 the reflection LLM; may raise
+The mutation slot is an operator (parent template, feedback records, rng) -> child template | None: GEPA's
+reflective mutation around `propose` (the paper's), or another one in its place (`reflection=edit`:
+p2o_hpc.gepa.edit_mutation); acceptance, budget, Pareto pool, dedupe and counters are the same for every operator.
 
 Resumability: the whole state (pool, budget, counters, RNG state, position inside the iteration) is written
 atomically after every parent step. Work done after the last checkpoint is simply redone on restart from the saved
@@ -48,6 +51,31 @@ class Evaluation:
 
 Evaluate = Callable[[str, list[HardItem]], list[Evaluation]]
 Propose = Callable[[str], str]
+# (parent template, its minibatch feedback, the engine's RNG) -> child template, or None when it has none to offer
+# (counted `invalid`); raises MutationFailed when its model failed (counted `failed`). The RNG is the engine's
+# checkpointed one: an operator that draws only from it proposes the same children after a resume.
+Mutation = Callable[[str, list[FeedbackRecord], random.Random], str | None]
+
+
+class MutationFailed(RuntimeError):
+    """The operator's model failed (a flaky reflection LLM); the step is skipped and the cause kept."""
+
+
+class ReflectiveMutation:
+    """GEPA's reflective mutation (the paper's operator): the reflection prompt built from the parent's minibatch
+    feedback, one `propose` call, the new template parsed from the answer. It draws nothing from the RNG."""
+
+    def __init__(self, propose: Propose, *, tokenizer=None, feedback_token_budget: int | None = None):
+        self.propose, self.tokenizer, self.feedback_token_budget = propose, tokenizer, feedback_token_budget
+
+    def __call__(self, parent: str, records: list[FeedbackRecord], rng: random.Random) -> str | None:
+        prompt = build_reflection_prompt(parent, records, tokenizer=self.tokenizer,
+                                         token_budget=self.feedback_token_budget)
+        try:
+            answer = self.propose(prompt)
+        except Exception as exc:  # a flaky reflection LLM must not kill a long run
+            raise MutationFailed(f"{type(exc).__name__}: {exc}") from exc
+        return parse_proposal(answer)
 
 
 @dataclass(frozen=True)
@@ -143,18 +171,23 @@ def split_hard_set(ids: Sequence[str], dev_size: int, seed: int) -> tuple[list[s
 
 
 class GEPAEngine:
-    def __init__(self, hard_items: Sequence[HardItem], evaluate: Evaluate, propose: Propose, settings: GEPASettings,
-                 *, tokenizer=None):
-        """tokenizer: counts tokens to fit the reflection feedback (the policy's; the authors count with it for
-        every reflection model); None keeps every response whole."""
+    def __init__(self, hard_items: Sequence[HardItem], evaluate: Evaluate, propose: Propose | None,
+                 settings: GEPASettings, *, tokenizer=None, mutation: Mutation | None = None):
+        """propose: the reflection LLM, for GEPA's reflective mutation; or mutation: another operator in the same
+        slot (then propose is None). tokenizer: counts tokens to fit the reflection feedback (the policy's; the
+        authors count with it for every reflection model); None keeps every response whole."""
         self.items = list(hard_items)
         self.by_id = {item.id: item for item in self.items}
         if len(self.by_id) != len(self.items):
             raise ValueError("hard item ids must be unique")
         if settings.gepa.dev_size < 1 or settings.gepa.minibatch_size < 1:
             raise ValueError("gepa.dev_size and gepa.minibatch_size must be >= 1")
-        self.evaluate, self.propose, self.settings = evaluate, propose, settings
+        if (propose is None) == (mutation is None):
+            raise ValueError("give the engine either propose (reflective mutation) or a mutation operator")
+        self.evaluate, self.settings = evaluate, settings
         self.tokenizer = tokenizer
+        self.mutation: Mutation = mutation or ReflectiveMutation(
+            propose, tokenizer=tokenizer, feedback_token_budget=settings.feedback_token_budget)
         self.state: _State | None = None
 
     # ----- setup ---------------------------------------------------------------------------------------------
@@ -234,7 +267,7 @@ class GEPAEngine:
         return evals
 
     def _parent_step(self, st: _State, parent_index: int) -> bool:
-        """One reflective mutation of one parent. Returns False when the budget ended the run.
+        """One mutation of one parent (reflective, or the configured operator). False when the budget ended the run.
 
         Budget rule: a step starts only if both minibatch evaluations (parent and child, 2B) are affordable, so a
         reflection call is never wasted on a child we could not score. An accepted child whose full dev evaluation
@@ -256,16 +289,13 @@ class GEPAEngine:
             FeedbackRecord(self.by_id[i].question, e.response, self.by_id[i].ground_truth, e.score, e.format_ok)
             for i, e in zip(batch, parent_evals)
         ]
-        prompt = build_reflection_prompt(parent.template, records, tokenizer=self.tokenizer,
-                                         token_budget=self.settings.feedback_token_budget)
         counters["proposed"] += 1
         try:
-            answer = self.propose(prompt)
-        except Exception as exc:  # a flaky reflection LLM must not kill a long run
+            child = self.mutation(parent.template, records, st.rng)
+        except MutationFailed as exc:
             counters["failed"] += 1
-            st.last_error = f"{type(exc).__name__}: {exc}"
+            st.last_error = str(exc)
             return True
-        child = parse_proposal(answer)
         if child is None:
             counters["invalid"] += 1
             return True

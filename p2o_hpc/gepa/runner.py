@@ -2,17 +2,19 @@
 
 Shared by the GEPA service job and the learner's inline mode. The policy being evaluated is whatever engine the
 `RolloutWorker` runs (the service loads the epoch's exported policy; inline uses the learner's own engine), and
-the reflection model is the reference server (`self`) or an endpoint (`teacher`).
+the reflection model is the reference server (`self`) or an endpoint (`teacher`); `edit` has no model (offline
+phrase edits in the same mutation slot).
 """
 
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 from pathlib import Path
 
-from p2o_hpc.config import GEPAConfig, ReflectionConfig, reflection_prompt_budget
+from p2o_hpc.config import GEPAConfig, ReflectionConfig, ReflectionKind, reflection_prompt_budget
 from p2o_hpc.data import Problem
-from p2o_hpc.gepa.evolve import Evaluation, GEPAEngine, GEPASettings, HardItem
+from p2o_hpc.gepa.evolve import Evaluation, GEPAEngine, GEPASettings, HardItem, Mutation
 from p2o_hpc.run_dir import RunDir
 
 
@@ -114,8 +116,10 @@ def configured_round(cfg, run_dir: RunDir, epoch: int, worker, reflection: "Refl
     """One round as the run's config (RunConfig `cfg`) says, on `worker`'s engine: the GEPA service's and the
     learner's inline round."""
     evaluate = PolicyEvaluator.from_config(cfg, worker)
+    mutation = reflection.mutation(getattr(evaluate, "tokenizer", None), cfg.algorithm.p2o.template_max_tokens)
     return run_round(run_dir, epoch, gepa_settings(cfg.gepa, cfg.algorithm.n_samples, cfg.reflection), evaluate,
-                     reflection.propose, extra_metrics=reflection.client.metrics, pass_at_k=cfg.gepa.eval_pass_at_k)
+                     reflection.propose if mutation is None else None, extra_metrics=reflection.metrics,
+                     pass_at_k=cfg.gepa.eval_pass_at_k, mutation=mutation)
 
 
 def round_metrics(document: dict) -> dict:
@@ -141,17 +145,20 @@ def round_metrics(document: dict) -> dict:
 
 
 def run_round(run_dir: RunDir, epoch: int, settings: GEPASettings, evaluate, propose,
-              extra_metrics=dict, pass_at_k: bool = True) -> dict:
+              extra_metrics=dict, pass_at_k: bool = True, mutation: Mutation | None = None) -> dict:
     """Evolve templates for epoch `epoch`'s hard set (resuming its saved state), publish them, return metrics.
 
-    extra_metrics(): more numbers to publish with the round (the reflection client's requests, tokens, cost).
+    propose: the reflection LLM (GEPA's reflective mutation); mutation: another operator instead (propose None).
+    extra_metrics(): more numbers to publish with the round (the reflection client's requests, tokens, cost; the
+    edit operator's edit counts).
     pass_at_k: also measure pass@1/pass@K on dev with and without the best template (2·K·|dev| extra rollouts).
     The reflection feedback's tokens are counted with the evaluator's (the policy's) tokenizer, when it has one.
     """
     if run_dir.done(epoch):
         return run_dir.take_round(epoch).metrics
     items = read_hard_set(run_dir, epoch)
-    engine = GEPAEngine(items, evaluate, propose, settings, tokenizer=getattr(evaluate, "tokenizer", None))
+    engine = GEPAEngine(items, evaluate, propose, settings, tokenizer=getattr(evaluate, "tokenizer", None),
+                        mutation=mutation)
     document = engine.run(run_dir.gepa_state(epoch)).to_json()
     document["epoch"] = epoch
     document["metrics"] = round_metrics(document)
@@ -163,24 +170,59 @@ def run_round(run_dir: RunDir, epoch: int, settings: GEPASettings, evaluate, pro
 
 
 class Reflection:
-    """The reflection model for a GEPA process: starts the reference server for `self`, a client for both."""
+    """The mutation side of a GEPA process: for `self` the reference server and a client, for `teacher` a client;
+    for `edit` neither (no model, no HTTP): the offline edit operator, bound to the policy's tokenizer per round."""
 
-    def __init__(self, reflection_cfg, reference_model_dir: str, log_dir: str | Path):
+    def __init__(self, reflection_cfg, reference_model_dir: str | None, log_dir: str | Path):
+        self.cfg = reflection_cfg
+        self.server = self.client = None
+        self.edit_tally: Counter = Counter()  # the edit operator's counts, over this process's rounds
+        if reflection_cfg.kind == ReflectionKind.edit:
+            from p2o_hpc.gepa.edit_mutation import load_phrase_bank
+
+            self.phrases = load_phrase_bank(reflection_cfg.edit_phrase_bank)  # a bad file fails before any round
+            return
         from p2o_hpc.reflection import ReflectionClient
         from p2o_hpc.reflection.server import ReferenceServer
 
-        self.server = None
-        if reflection_cfg.kind == "self":
+        if reflection_cfg.kind == ReflectionKind.self:
             self.server = ReferenceServer.from_config(reflection_cfg, reference_model_dir, log_dir=log_dir).start()
             self.client = ReflectionClient.from_config(reflection_cfg, base_url=self.server.base_url,
                                                        model=self.server.served_model_name)
         else:
             self.client = ReflectionClient.from_config(reflection_cfg)
 
+    @classmethod
+    def for_run(cls, cfg, log_dir: str | Path) -> "Reflection":
+        """The run's (RunConfig `cfg`): the reference model folder is resolved only for `self`, which serves it."""
+        from p2o_hpc.model_dir import resolve_model_dir
+
+        model_dir = resolve_model_dir(cfg.model.path) if cfg.reflection.kind == ReflectionKind.self else None
+        return cls(cfg.reflection, model_dir, log_dir)
+
+    def mutation(self, tokenizer, template_max_tokens: int) -> Mutation | None:
+        """The operator for a round: None for the LLM kinds (the engine's reflective mutation with `propose`), the
+        edit operator for `edit`, checking proposals with the policy's tokenizer against the template budget."""
+        if self.client is not None:
+            return None
+        from p2o_hpc.gepa.edit_mutation import EditMutation
+
+        return EditMutation(self.phrases, num_edits=self.cfg.edit_num_edits, tokenizer=tokenizer,
+                            max_tokens=template_max_tokens, tally=self.edit_tally)
+
     def propose(self, prompt: str) -> str:
         return self.client.complete(prompt)
 
+    def metrics(self) -> dict:
+        """Published with each round: the client's reflection/* tally, or edit/* counts (no requests)."""
+        if self.client is not None:
+            return self.client.metrics()
+        from p2o_hpc.gepa.edit_mutation import edit_metrics
+
+        return edit_metrics(self.edit_tally)
+
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         if self.server is not None:
             self.server.stop()

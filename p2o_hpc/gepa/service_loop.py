@@ -2,7 +2,7 @@
 
 For each epoch t it waits for the learner's READY (hard set + exported policy), loads that policy into its own
 vLLM engine, evolves templates with GEPA (reflection by the reference model behind a local server, or a teacher
-endpoint) and publishes the epoch's templates then DONE; it ends on the learner's FINISHED. The run dir's
+endpoint; reflection=edit: offline phrase edits, no model) and publishes the epoch's templates then DONE; it ends on the learner's FINISHED. The run dir's
 service lease keeps it to one instance per run; a restarted service resumes each round from its saved state.
 The files and their order are RunDir's protocol (p2o_hpc.run_dir). Started by a local launcher, it is given
 the launcher's pid and stops when that process is gone (a killed launcher leaves no service behind); on SLURM
@@ -47,7 +47,6 @@ def run_service(run_dir: RunDir, console: Console, *, max_rounds: int | None = N
 def serve(run_dir: RunDir, console: Console, *, max_rounds: int | None = None) -> int:
     """Process epochs until the learner finishes (or `max_rounds` rounds ran); returns the rounds run."""
     from p2o_hpc.gepa.runner import Reflection, configured_round
-    from p2o_hpc.model_dir import resolve_model_dir
     from p2o_hpc.rollout.rollout_worker import RolloutWorker
 
     cfg = run_dir.load_config()
@@ -64,7 +63,7 @@ def serve(run_dir: RunDir, console: Console, *, max_rounds: int | None = None) -
                 time.sleep(cfg.gepa.poll_s)
                 continue
             if reflection is None:
-                reflection = Reflection(cfg.reflection, resolve_model_dir(cfg.model.path), run_dir.logs)
+                reflection = Reflection.for_run(cfg, run_dir.logs)
             console.print(f"GEPA: epoch {epoch}: evolving templates for {run_dir.hard_set(epoch)}")
             worker = RolloutWorker.from_config(cfg, str(run_dir.policy(epoch)),
                                                max_response_tokens=cfg.gepa.max_response_tokens,
