@@ -178,7 +178,8 @@ class ReflectionConfig:
     """The reflection LLM that GEPA asks for improved prompt templates."""
 
     # self: the reference model (original weights) behind a local `vllm serve` that GEPA starts and stops;
-    # teacher: any OpenAI-compatible endpoint; none: no reflection (plain GRPO).
+    # teacher: any OpenAI-compatible endpoint; none: no reflection (plain GRPO); edit: no LLM at all, GrIPS-style
+    # phrase edits as an offline stand-in (p2o_hpc.gepa.edit_mutation; not the paper's reflective mutation).
     kind: ReflectionKind = ReflectionKind.self
     base_url: Optional[str] = None  # teacher only; `self` takes the local server's URL
     model: Optional[str] = None  # teacher: the endpoint's model name; self: the served name (None → "reference")
@@ -207,6 +208,9 @@ class ReflectionConfig:
     serve_start_timeout_s: float = 600.0
     serve_max_model_len: int = 32768  # the authors' reference server (my_scripts/start_vllm_server.sh)
     serve_extra_args: list[str] = field(default_factory=list)  # appended to the `vllm serve` command line
+    # kind=edit only:
+    edit_phrase_bank: Optional[str] = None  # a text file, one phrase a line (# comments); null → the built-in bank
+    edit_num_edits: int = 1  # edits composed into one proposal (add / delete / swap / replace)
 
 
 def reflection_context_tokens(cfg: ReflectionConfig) -> int:
@@ -262,6 +266,71 @@ class RolloutConfig:
 class RewardConfig:
     workers: int = 2
     timeout_s: float = 10.0
+
+
+@dataclass
+class ValidationSetConfig:
+    """One held-out set (an entry of validation.sets, as `validation_sets` reads it)."""
+
+    # A name from p2o_hpc.data.datasets.DATASETS / HF_DATASETS, a .json/.jsonl path, "hf:<dataset name>" (read by
+    # the training data's own loader), or "holdout": the problems data.recipe holds out of data.train (the authors'
+    # test_500).
+    data: str
+    limit: Optional[int] = None  # the first N problems; null → all
+    split: str = "test"  # "hf:<name>" sets only (a registered name carries its own split)
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out accuracy during training (verl's trainer.test_freq / val_before_train): val/<set>/* on the metrics
+    line of the steps it runs after (step 0 for before_training); p2o_hpc.trainer.validation. Off by default.
+
+    sets: name → the data spec (`+validation.sets.aime=aime24`) or {data, limit, split}
+    (`+validation.sets.math500.limit=100`: data defaults to the name). Typed loosely so both forms compose from
+    the command line (OmegaConf cannot add a dataclass-typed dict entry by a dotted key); `validation_sets` reads
+    it and validate() names a bad entry.
+    """
+
+    sets: dict[str, Any] = field(default_factory=dict)
+    every_n_steps: int = 0  # after every N-th step; 0 = never
+    before_training: bool = False  # once before step 1, logged at step 0
+    at_end: bool = False  # after the run's last step
+    # Greedy by default, as the authors (val_kwargs: T = 0, n = 1). n_samples = K > 1 samples K responses per
+    # problem at `temperature` (> 0 then) and adds pass@K; `acc` is then the mean reward over all K samples.
+    temperature: float = 0.0
+    n_samples: int = 1
+    top_p: float = 1.0
+    max_tokens: Optional[int] = None  # null → rollout.max_response_tokens (the engine's context is sized for it)
+    seed: int = 0
+    # P²O runs: also score every set under the current round's best-on-dev template (Fig. 4's with vs without
+    # templates; keys *_with_templates). GRPO runs have no templates and log no such keys.
+    with_templates: bool = False
+
+
+def validation_sets(val: ValidationConfig) -> dict[str, ValidationSetConfig]:
+    """validation.sets as typed entries, in their order; a bad entry is a ValueError naming validation.sets.<name>."""
+    sets = {}
+    for name, entry in val.sets.items():
+        key = f"validation.sets.{name}"
+        if not name or "/" in str(name):
+            raise ValueError(f"{key}: a set's name is part of its metrics keys (val/<name>/acc): non-empty, no '/'")
+        if isinstance(entry, str):
+            entry = {"data": entry}
+        elif entry is None:
+            entry = {}
+        if not isinstance(entry, dict):
+            raise ValueError(f"{key}={entry!r}: expected a data spec (name, .json/.jsonl path, hf:<name>, holdout) "
+                             "or {data, limit, split}")
+        unknown = sorted(set(entry) - {"data", "limit", "split"})
+        if unknown:
+            raise ValueError(f"{key}: unknown key(s) {unknown}; a set has data, limit, split")
+        data, limit, split = entry.get("data") or name, entry.get("limit"), entry.get("split", "test")
+        if not isinstance(data, str) or not isinstance(split, str):
+            raise ValueError(f"{key}: data and split must be strings")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"{key}.limit={limit!r} must be an integer ≥ 1 (or null: every problem)")
+        sets[str(name)] = ValidationSetConfig(data, limit, split)
+    return sets
 
 
 @dataclass
@@ -328,6 +397,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     gepa: GEPAConfig = field(default_factory=GEPAConfig)
     reflection: ReflectionConfig = field(default_factory=ReflectionConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -393,9 +463,34 @@ def _checks(cfg: RunConfig):
     yield gepa.eval_temperature >= 0.0, f"gepa.eval_temperature={gepa.eval_temperature} must be ≥ 0 (0 = greedy)"
     yield (not (gepa.schedule == GEPASchedule.overlap and gepa.mode != GEPAMode.service),
            "gepa.schedule=overlap needs gepa.mode=service (inline GEPA runs in the learner's own time)")
-    yield (reflection.kind == ReflectionKind.none or reflection_context_tokens(reflection) > reflection.max_tokens,
+    yield reflection.edit_num_edits >= 1, f"reflection.edit_num_edits={reflection.edit_num_edits} must be ≥ 1"
+    yield (reflection.kind in (ReflectionKind.none, ReflectionKind.edit)
+           or reflection_context_tokens(reflection) > reflection.max_tokens,
            f"reflection.max_tokens={reflection.max_tokens} leaves no room for the reflection prompt in the "
            f"reflection context of {reflection_context_tokens(reflection)} tokens (reflection.context_tokens, "
            "null → serve_max_model_len for self)")
     yield (not (algo.p2o.enabled and gepa.mode != GEPAMode.off and reflection.kind == ReflectionKind.none),
-           "algorithm.p2o needs a reflection model: reflection=self or reflection=teacher (or gepa.mode=off)")
+           "algorithm.p2o needs a reflection model: reflection=self or reflection=teacher (or gepa.mode=off; "
+           "reflection=edit: offline phrase edits, no LLM)")
+    yield from _validation_checks(cfg.validation, cfg.rollout)
+
+
+def _validation_checks(val: ValidationConfig, rollout: RolloutConfig):
+    """validation.*: the schedule, the decoding, each set's shape. Whether a set's data exists is checked by the
+    launcher's preflight, which reads every set with the training data's loader (this base module cannot)."""
+    yield val.every_n_steps >= 0, f"validation.every_n_steps={val.every_n_steps} must be ≥ 0 (0 = never)"
+    yield val.n_samples >= 1, f"validation.n_samples={val.n_samples} must be ≥ 1"
+    yield val.temperature >= 0.0, f"validation.temperature={val.temperature} must be ≥ 0 (0 = greedy)"
+    yield (val.n_samples == 1 or val.temperature > 0.0,
+           f"validation.n_samples={val.n_samples} needs validation.temperature > 0 (greedy samples are all the same)")
+    yield (val.max_tokens is None or 1 <= val.max_tokens <= rollout.max_response_tokens,
+           f"validation.max_tokens={val.max_tokens} must be in [1, rollout.max_response_tokens="
+           f"{rollout.max_response_tokens}] (the generator's context is sized for the rollouts)")
+    scheduled = val.every_n_steps > 0 or val.before_training or val.at_end
+    yield (val.sets or not scheduled,
+           "validation.every_n_steps/before_training/at_end schedule a validation but validation.sets is empty "
+           "(e.g. +validation.sets.math500.limit=100)")
+    try:
+        validation_sets(val)
+    except ValueError as error:
+        yield False, str(error)

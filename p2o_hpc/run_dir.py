@@ -267,6 +267,23 @@ class RunDir:
         atomic_write_text(aside.with_name(aside.name + ".reason"), reason + "\n")
         return ExchangeRound(rejected=reason)
 
+    def best_template(self, epoch: int) -> str | None:
+        """The round's single best template on its dev set, for problems no template was assigned to (in-training
+        validation): the pool candidate with the highest dev_mean (one greedy rollout per dev item), ties to the
+        earlier one, so ε ("") when nothing beat the plain prompt; GEPA's gepa/dev_pass@k_best_template scores the
+        same one. None when the round has no readable pool (skipped, set aside, a file written without one).
+        Read apart from take_round, once per round: a round without it loses only this, never its assignments."""
+        try:
+            pool = self.read_templates(epoch).get("pool")
+        except (OSError, ValueError):
+            return None
+        candidates = [candidate for candidate in (pool if isinstance(pool, list) else [])
+                      if isinstance(candidate, dict) and isinstance(candidate.get("template"), str)
+                      and isinstance(candidate.get("dev_mean"), (int, float))]
+        if not candidates:
+            return None
+        return clean_text(max(candidates, key=lambda candidate: candidate["dev_mean"])["template"])
+
     def rejected_round(self, epoch: int) -> str | None:
         """Why epoch `epoch`'s templates.json was set aside, if it was."""
         try:

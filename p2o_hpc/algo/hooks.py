@@ -49,6 +49,10 @@ class AlgorithmHooks:
     def step_metrics(self, batch: StepBatch) -> dict:
         return {}
 
+    def validation_template(self) -> str | None:
+        """The template held-out problems are also scored under (validation.with_templates); None: none exists."""
+        return None
+
     def end_epoch(self, epoch: int, hard_ids: list[str], loader, policy: Policy, *, last: bool) -> dict:
         """Collective, after the epoch's hard set is on disk; `last`: the run ends with this epoch."""
         return {}

@@ -53,9 +53,9 @@ class RunRefused(CompactHydraException):
 
 def preflight(cfg: RunConfig, model_dir: Optional[str] = None) -> None:
     """What the jobs would only find out on the cluster (or each rank after megatron's init), checked before
-    anything is submitted: the teacher's endpoint and key, the prompt template, the model's shape against
-    parallel.* (model_dir: the resolved model.path; None skips it) and the training set, read as the learner
-    reads it. Cheap checks first; reading the data takes a second or two."""
+    anything is submitted: the teacher's endpoint and key (reflection=edit: its phrase bank), the prompt template,
+    the model's shape against parallel.* (model_dir: the resolved model.path; None skips it) and the training set
+    (and validation.sets), read as the learner reads it. Cheap checks first; reading the data takes a second or two."""
     reflection = cfg.reflection
     uses_teacher = cfg.algorithm.p2o.enabled and cfg.gepa.mode != "off" and reflection.kind == "teacher"
     if uses_teacher and not reflection.base_url:
@@ -64,6 +64,10 @@ def preflight(cfg: RunConfig, model_dir: Optional[str] = None) -> None:
     if uses_teacher and reflection.api_key_env and not os.environ.get(reflection.api_key_env):
         raise ValueError(f"reflection=teacher ({reflection.base_url}, model {reflection.model}) reads its API key "
                          f"from ${reflection.api_key_env}, which is not set here (the jobs inherit this environment)")
+    if cfg.algorithm.p2o.enabled and cfg.gepa.mode != "off" and reflection.kind == "edit":
+        from p2o_hpc.gepa.edit_mutation import load_phrase_bank
+
+        load_phrase_bank(reflection.edit_phrase_bank)  # a missing or empty bank fails here, not in the GEPA job
     try:
         validate_template(cfg.data.template)
     except TemplateError as error:
@@ -77,6 +81,10 @@ def preflight(cfg: RunConfig, model_dir: Optional[str] = None) -> None:
         training_problems(cfg.data)
     except DatasetError as error:
         raise DatasetError(f"data.train={data}: {error}") from error
+    if cfg.validation.sets:  # read as the learner reads them; the error names validation.sets.<name>
+        from p2o_hpc.trainer.validation import load_validation_sets
+
+        load_validation_sets(cfg)
 
 
 def check_model_shape(cfg: RunConfig, model_dir: str) -> None:

@@ -107,6 +107,10 @@ class P2OHooks(AlgorithmHooks):
             metrics["p2o/hard_zero_adv_frac"] = float(np.mean(zero))
         return metrics
 
+    def validation_template(self) -> str | None:
+        """The current round's best-on-dev template (RunDir.best_template): held-out problems never got one."""
+        return self.exchange.best_template
+
     def end_epoch(self, epoch: int, hard_ids: list[str], loader, policy: Policy, *, last: bool) -> dict:
         return {} if last else self.exchange.end_epoch(epoch, hard_ids, loader, policy)
 

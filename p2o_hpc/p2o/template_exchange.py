@@ -20,6 +20,7 @@ class TemplateExchange:
     def __init__(self, cfg, run_dir: RunDir, *, rank: int, console):
         self.cfg, self.run_dir, self.rank, self.console = cfg, run_dir, rank, console
         self.assignments: dict[str, list[str]] = {}  # this epoch's templates for last epoch's hard prompts
+        self.best_template: str | None = None  # the same round's best-on-dev template (in-training validation)
         self.awaiting: int | None = None  # overlap: the epoch whose templates are still being evolved
         self.deferred_ids: list[str] = []  # ... and its hard prompts, served last
         self.reflection = None  # inline mode: the reflection model, started on first use
@@ -27,11 +28,13 @@ class TemplateExchange:
     # -- checkpoint ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"assignments": self.assignments, "awaiting": self.awaiting, "deferred_ids": self.deferred_ids}
+        return {"assignments": self.assignments, "awaiting": self.awaiting, "deferred_ids": self.deferred_ids,
+                "best_template": self.best_template}
 
     def load_state_dict(self, state: dict) -> None:
         self.assignments = state.get("assignments", {})
         self.awaiting, self.deferred_ids = state.get("awaiting"), state.get("deferred_ids", [])
+        self.best_template = state.get("best_template")
 
     # -- epoch boundary -----------------------------------------------------------------------------------
 
@@ -43,6 +46,7 @@ class TemplateExchange:
         if gepa.schedule == "overlap" and not self._settled(epoch):
             self._hand_over(epoch, policy)
             self.assignments, self.awaiting, self.deferred_ids = {}, epoch, sorted(hard_ids)
+            self.best_template = None
             return {"p2o/deferred_prompts": loader.defer(hard_ids)}
         metrics = {}
         if gepa.mode != "off" and not self._settled(epoch):  # off: only templates already on disk are used
@@ -124,10 +128,9 @@ class TemplateExchange:
 
     def _inline_round(self, epoch: int, engine) -> dict:
         from p2o_hpc.gepa.runner import Reflection, configured_round
-        from p2o_hpc.model_dir import resolve_model_dir
 
         if self.reflection is None:
-            self.reflection = Reflection(self.cfg.reflection, resolve_model_dir(self.cfg.model.path), self.run_dir.logs)
+            self.reflection = Reflection.for_run(self.cfg, self.run_dir.logs)
         return configured_round(self.cfg, self.run_dir, epoch, engine, self.reflection)
 
     def _take(self, epoch: int, loader) -> dict:
@@ -135,9 +138,10 @@ class TemplateExchange:
         every rank gets the same templates, for the prompts this run trains on."""
         box = [None]
         if self.rank == 0:
-            box[0] = self._read_round(epoch, loader.problem_ids)
+            assignments, metrics = self._read_round(epoch, loader.problem_ids)
+            box[0] = assignments, metrics, self.run_dir.best_template(epoch) if assignments else None
         dist.broadcast_object_list(box, src=0)
-        self.assignments, metrics = box[0]
+        self.assignments, metrics, self.best_template = box[0]
         return metrics
 
     def _read_round(self, epoch: int, known_ids) -> tuple[dict[str, list[str]], dict]:

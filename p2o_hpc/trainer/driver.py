@@ -43,6 +43,7 @@ from p2o_hpc.trainer.preemption import StopSignal
 from p2o_hpc.trainer.rollout_side import OffPolicySchedule, RolloutSide
 from p2o_hpc.trainer.state import TrainerState
 from p2o_hpc.trainer.step_metrics import step_metrics
+from p2o_hpc.trainer.validation import Validator, validated_steps
 
 
 def rank_placement(local_rank: int) -> dict:
@@ -70,6 +71,7 @@ class GRPODriver:
         self.total_steps = min(steps, algo.max_steps) if algo.max_steps else steps
         self.learner = LearnerSide(cfg, model_dir, self.total_steps)
         self.hooks = algorithm_hooks(cfg, run_dir, rank=self.rank, console=self.console)
+        self.validator = Validator(cfg, self.total_steps, console=self.console)
         self.state = TrainerState(loader, HardSampleMiner(tau=algo.tau, failed_responses=algo.hard.failed_responses,
                                                           max_response_chars=algo.hard.max_response_chars), self.hooks)
         self.saved_step, self.last_save_s = 0, 0.0
@@ -96,6 +98,10 @@ class GRPODriver:
                 torn = self.sink.truncate_after(self.state.step - (self.state.epoch_end is not None))
                 if torn:
                     self.console.print(f"[yellow]warning:[/yellow] {run_dir.metrics}: dropped {torn} torn line(s)")
+            if self.validator.enabled:  # a resumed run does not log a validation twice
+                logged = [validated_steps(run_dir.metrics) if self.rank == 0 else None]
+                dist.broadcast_object_list(logged, src=0)
+                self.validator.logged.update(logged[0])
         except BaseException:
             self.close()  # a half-built driver must not leave its vLLM child behind
             raise
@@ -148,6 +154,7 @@ class GRPODriver:
         if state.epoch_end is not None:
             metrics = {**state.epoch_end["metrics"], **self._end_epoch(state.epoch_end["epoch"])}
             state.epoch_end = None
+        metrics.update(self._validate(state.step))  # after the epoch's end: P²O's templates are the next epoch's
         if self.sink is not None:
             self.sink.log(metrics, state.step)
         due = state.step % self.cfg.trainer.save_every == 0 or state.step == self.stop_step
@@ -161,6 +168,16 @@ class GRPODriver:
         problems, gate = self.hooks.next_problems(loader)
         return StepBatch(problems, epoch=loader.epoch - 1 if loader.epoch_finished else loader.epoch,
                          epoch_finished=loader.epoch_finished, gate_metrics=gate)
+
+    def _validate(self, step: int) -> dict:
+        """Collective: val/* of the policy after `step` steps when validation.* asks for it. The engine is loaded
+        with that policy first (a step's own weight sync comes at the next step's start), then sleeps again."""
+        if not self.validator.due(step):
+            return {}
+        self.sync_engine()
+        metrics = self.validator.run(step, self.rollouts, self.hooks.validation_template())
+        self.rollouts.release_engine()
+        return metrics
 
     def _refit_check(self, batch: StepBatch, micro_batches: list[dict], timer: PhaseTimer) -> dict:
         every = self.cfg.rollout.refit_check_every
@@ -213,6 +230,10 @@ class GRPODriver:
                 task = progress.add_task("", total=self.total_steps, completed=self.state.step)
                 if self.state.epoch_end is not None:  # resumed from the checkpoint taken at an epoch's end
                     self._finish_step({})
+                if self.state.step == 0:  # validation.before_training: its own line, step 0
+                    before = self._validate(0)
+                    if before and self.sink is not None:
+                        self.sink.log(before, 0)
                 while self.state.step < self.stop_step:
                     metrics = self.train_step()
                     progress.update(task, advance=1, description=(

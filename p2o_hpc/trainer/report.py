@@ -28,7 +28,7 @@ PANELS = [
     ("throughput (tokens/s)", ["perf/gen_tokens_per_s", "perf/train_tokens_per_s"]),
     ("generator vs learner log-prob gap", ["rollout/logprob_gap_max", "rollout/logprob_gap_mean"]),
 ]
-TIME_PHASES = ["weight_sync", "generate", "reward", "rollout_wait", "logprob", "refit_check", "update"]
+TIME_PHASES = ["weight_sync", "generate", "reward", "rollout_wait", "logprob", "refit_check", "update", "validation"]
 TABLE_KEYS = ["reward/mean", "advantage/zero_group_frac", "response/length_mean", "actor/loss", "actor/clip_frac",
               "actor/grad_norm", "actor/lr", "perf/gen_tokens_per_s", "perf/train_tokens_per_s", "time/step"]
 
@@ -87,20 +87,52 @@ def plot_training(rows: list[dict], out: str | Path) -> Path:
         epoch_ax.bar([str(epoch) for epoch, _ in epochs], [size for _, size in epochs])
     epoch_ax.set_title("hard set size per epoch")
     epoch_ax.set_xlabel("epoch")
-    axes[-1].axis("off")
-    fig.suptitle(f"GRPO training, {len(rows)} steps")
+    if not plot_validation(axes[-1], rows):
+        axes[-1].axis("off")
+    fig.suptitle(f"GRPO training, {len(training_rows(rows))} steps")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return atomic_write_bytes(out, buffer.getvalue())
 
 
+def validation_sets(rows: list[dict]) -> list[str]:
+    """The held-out sets with val/<set>/acc somewhere in the run (p2o_hpc.trainer.validation), in order."""
+    return list(dict.fromkeys(key[len("val/"):-len("/acc")] for row in rows for key in row
+                              if key.startswith("val/") and key.endswith("/acc")))
+
+
+def training_rows(rows: list[dict]) -> list[dict]:
+    """Rows of training steps: without validation.before_training's step-0 line."""
+    return [row for row in rows if row["step"] > 0]
+
+
+def plot_validation(ax, rows: list[dict]) -> bool:
+    """val/<set>/acc per set over the steps validated, with templates dashed in the same colour; False: none."""
+    sets = validation_sets(rows)
+    for index, name in enumerate(sets):
+        colour = f"C{index % 10}"
+        for suffix, style in (("", "-"), ("_with_templates", "--")):
+            points = [(row["step"], row[f"val/{name}/acc{suffix}"]) for row in rows if f"val/{name}/acc{suffix}" in row]
+            if points:
+                ax.plot(*zip(*points), style, color=colour, marker=".",
+                        label=f"{name}{' + templates' if suffix else ''}")
+    if not sets:
+        return False
+    ax.set_title("held-out accuracy (val/<set>/acc)")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    return True
+
+
 def summary_table(rows: list[dict]) -> Table:
-    table = Table(title=f"step {rows[-1]['step']} (of {len(rows)} logged)")
+    table = Table(title=f"step {rows[-1]['step']} (of {len(training_rows(rows))} logged)")
     table.add_column("metric")
     table.add_column("last", justify="right")
     table.add_column("mean over run", justify="right")
-    for key in TABLE_KEYS:
+    keys = TABLE_KEYS + [f"val/{name}/acc{suffix}" for name in validation_sets(rows)
+                         for suffix in ("", "_with_templates")]
+    for key in keys:
         values = [row[key] for row in rows if key in row]
         if values:
             table.add_row(key, f"{values[-1]:.4g}", f"{sum(values) / len(values):.4g}")

@@ -6,13 +6,14 @@ Seeds depend only on (step, prompt, sample), so a resumed run regenerates exactl
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch.distributed as dist
 
 from p2o_hpc.algo.hooks import AlgorithmHooks
-from p2o_hpc.records import StepBatch
+from p2o_hpc.records import Problem, StepBatch
 from p2o_hpc.rollout.generator import SamplingSettings
 from p2o_hpc.trainer.metrics import PhaseTimer
 
@@ -73,6 +74,47 @@ class RolloutSide:
         self.engine.score(rollouts, [batch.problems[r.prompt_index].answer for r in rollouts])
         return {"rollouts": rollouts, "generate_s": generated - started, "reward_s": time.perf_counter() - generated,
                 "templates_rejected": rejected}
+
+    def graded(self, problems: list[Problem], sampling: SamplingSettings, template: str = "") -> list | None:
+        """Collective (held-out scoring): per problem (rewards, response lengths) of its sampling.n samples, every
+        one under `template` ("" = the original prompt), generated and graded by the engine hosts, each its share;
+        on every rank. A problem whose prompt does not fit data.max_prompt_tokens is None (skipped, not an error: a
+        held-out set must not stop a training run). None when the engine refuses `template` (its checks)."""
+        share = self._graded_share(problems, sampling, template) if self.engine is not None else None
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, share)
+        parts = [shares[rank] for rank in self.host_ranks]
+        if any(part is None for part in parts):
+            return None
+        return [row for part in parts for row in part]
+
+    def _graded_share(self, problems: list[Problem], sampling: SamplingSettings, template: str) -> list | None:
+        share = len(problems) / len(self.host_ranks)
+        index = self.host_ranks.index(self.rank)
+        start, stop = round(index * share), round((index + 1) * share)
+        if template and self.engine.checked_templates([[template]])[1]:
+            return None
+        mine = problems[start:stop]
+        fits = [self._fits(problem, template) for problem in mine]
+        kept = [problem for problem, ok in zip(mine, fits) if ok]
+        n, rows = sampling.n, []
+        if kept:
+            # Seeds by the problem's place in the whole set, so the samples do not depend on the number of hosts.
+            seed = None if sampling.seed is None else sampling.seed + start * n
+            rollouts = self.engine.generate(kept, 0, dataclasses.replace(sampling, seed=seed),
+                                            [[template] * n for _ in kept] if template else None)
+            self.engine.score(rollouts, [kept[rollout.prompt_index].answer for rollout in rollouts])
+            groups = [rollouts[i * n:(i + 1) * n] for i in range(len(kept))]
+            rows = [([r.reward for r in group], [len(r.response_ids) for r in group]) for group in groups]
+        scored = iter(rows)
+        return [next(scored) if ok else None for ok in fits]
+
+    def _fits(self, problem: Problem, template: str) -> bool:
+        try:
+            self.engine.encode([problem], [template] if template else None)
+        except ValueError:  # longer than data.max_prompt_tokens (+ the template budget)
+            return False
+        return True
 
     def _gather(self, batch: StepBatch, share: dict | None) -> StepBatch:
         shares = [None] * dist.get_world_size()
