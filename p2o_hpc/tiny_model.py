@@ -15,7 +15,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,21 +79,24 @@ def build_tiny_model(
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
     cache_root: Path | None = None,
+    tokenizer_corpus: TokenizerCorpus | None = None,
 ) -> Path:
     """Path of the cached model folder, built first if missing (atomically, safe across processes).
 
     cache_root replaces cache_dir()/"tiny_models" (tests pass tmp_path so they never share a build).
+    tokenizer_corpus replaces the shared math data as the tokenizer's training text (the CPU testbed's own task).
     """
     settings = model_settings(name, overrides)
+    tokenizer_corpus = tokenizer_corpus or MATH_TOKENIZER
     root = Path(cache_root) if cache_root is not None else cache_dir() / "tiny_models"
-    target = root / f"{name}-{recipe_hash(settings, seed)}"
+    target = root / f"{name}-{recipe_hash(settings, seed, tokenizer_corpus)}"
     if target.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=root))
     staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
-        _build_into(staging, settings, seed)
+        _build_into(staging, settings, seed, tokenizer_corpus)
         if not target.is_dir():
             try:
                 os.replace(staging, target)
@@ -113,13 +117,14 @@ def model_settings(name: str, overrides: dict[str, Any] | None = None) -> dict[s
     return {**TINY_PRESETS[name], **(overrides or {})}
 
 
-def recipe_hash(settings: dict[str, Any], seed: int) -> str:
+def recipe_hash(settings: dict[str, Any], seed: int, tokenizer_corpus: TokenizerCorpus | None = None) -> str:
     """Short hash of everything that decides the folder's bytes, so a changed recipe never reuses a stale cache."""
+    tokenizer_corpus = tokenizer_corpus or MATH_TOKENIZER
     recipe = {
         "settings": settings,
         "seed": seed,
         "factory_version": FACTORY_VERSION,
-        "tokenizer": {"corpus": TOKENIZER_CORPUS, "vocab_target": TOKENIZER_VOCAB_TARGET},
+        "tokenizer": {"corpus": tokenizer_corpus.recipe, "vocab_target": tokenizer_corpus.vocab_target},
     }
     blob = json.dumps(recipe, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
@@ -143,6 +148,19 @@ def corpus_texts(data_dir: Path | None = None) -> Iterator[str]:
                 text = row.get(field)
                 if isinstance(text, str) and text:
                     yield text
+
+
+@dataclass(frozen=True)
+class TokenizerCorpus:
+    """What a tokenizer is trained on: `texts()` in a fixed order; `recipe` names it in the cache key (change it
+    whenever the texts change)."""
+
+    texts: Callable[[], Iterator[str]]
+    recipe: Any
+    vocab_target: int
+
+
+MATH_TOKENIZER = TokenizerCorpus(lambda: corpus_texts(), TOKENIZER_CORPUS, TOKENIZER_VOCAB_TARGET)
 
 
 def train_tokenizer(texts: Iterator[str], vocab_target: int = TOKENIZER_VOCAB_TARGET):
@@ -173,14 +191,14 @@ def train_tokenizer(texts: Iterator[str], vocab_target: int = TOKENIZER_VOCAB_TA
     return tokenizer
 
 
-def _build_into(folder: Path, settings: dict[str, Any], seed: int) -> None:
+def _build_into(folder: Path, settings: dict[str, Any], seed: int, tokenizer_corpus: TokenizerCorpus) -> None:
     import torch
     from transformers import GenerationConfig, Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
 
     # Qwen2Tokenizer, the class real Qwen3 checkpoints name, rather than the generic backend, so every
     # loader (transformers, vLLM) takes the same code path as for Qwen3-4B.
     tokenizer = Qwen2Tokenizer(
-        tokenizer_object=train_tokenizer(corpus_texts()),
+        tokenizer_object=train_tokenizer(tokenizer_corpus.texts(), tokenizer_corpus.vocab_target),
         eos_token=IM_END,
         pad_token=ENDOFTEXT,
         unk_token=None,

@@ -17,6 +17,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from p2o_hpc.data.synthetic import NAME_FORMAT as SYNTHETIC_NAME_FORMAT
+from p2o_hpc.data.synthetic import PREFIX as SYNTHETIC_PREFIX
+from p2o_hpc.data.synthetic import dataset_rows as synthetic_rows
 from p2o_hpc.io_utils import clean_text
 from p2o_hpc.paths import shared_data_dir
 from p2o_hpc.records import Problem
@@ -139,7 +142,7 @@ def _unknown_dataset(name: str) -> DatasetError:
     close = difflib.get_close_matches(name, known, n=3)
     hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
     return DatasetError(f"unknown dataset {name!r}{hint}; known: {', '.join(known)}, or a .json/.jsonl file, "
-                        "or hf:owner/name")
+                        f"or hf:owner/name, or {SYNTHETIC_NAME_FORMAT}")
 
 
 def training_problems(data_cfg: DataConfig) -> list[Problem]:
@@ -543,6 +546,12 @@ def _source_rows(source: str, split: str) -> list[_RawRow]:
 def _open_rows(source: str, split: str) -> tuple[Iterator[tuple[int, Any]], Callable[[int], str], str]:
     """(rows as (position, row), where(position) for error messages, the stem that default ids start with) of a
     local .json/.jsonl file or an "hf:" dataset."""
+    if source.startswith(SYNTHETIC_PREFIX):  # the CPU testbed's generated problems (p2o_hpc.data.synthetic)
+        try:
+            rows = synthetic_rows(source)
+        except ValueError as error:
+            raise DatasetError(str(error)) from None
+        return enumerate(rows), (lambda pos: f"{source} row {pos}"), source
     if source.startswith(HF_PREFIX):
         rows = _hf_rows(source[len(HF_PREFIX):], split)
         return rows, (lambda pos: f"{source} (split {split!r}) row {pos}"), source[len(HF_PREFIX):].rsplit("/", 1)[-1]
