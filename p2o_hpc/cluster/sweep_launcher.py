@@ -40,6 +40,23 @@ def _task_config(sweep_config: DictConfig) -> DictConfig:
     return task
 
 
+def compare_points(handles: list, console, out_dir: Path) -> None:
+    """The points side by side (p2o_hpc.trainer.comparison: table, csv, Fig. 3/4) once two of them logged steps.
+    A point it cannot read is named and left out: the runs themselves are done and summarized already."""
+    from p2o_hpc.trainer.comparison import summarize, write_comparison
+
+    points = []
+    for handle in handles:
+        if not handle.run_dir.metrics.exists():
+            continue
+        try:
+            points.append(summarize(handle.run_dir.path, handle.name))
+        except (OSError, ValueError) as error:
+            console.print(f"[yellow]comparison: {handle.name} left out: {error}[/yellow]")
+    if len(points) >= 2:
+        write_comparison(points, out_dir, console, title=f"sweep {out_dir.parent.name}: the points side by side")
+
+
 def point_dir_name(subdir: str, max_len: int = 200) -> str:
     """One path component per point: a path value (data.train=/a/b.jsonl) keeps its text with "/" → "_";
     an over-long name keeps its start and gets a hash, so it still names the point and stays unique."""
@@ -126,6 +143,7 @@ class SweepLauncher(Launcher):
                     console.print(f"[red]{handle.name}: {handle.error}[/red]")
             supervise([h for h, _ in handles], console, min(h.cfg.cluster.poll_s for h, _ in handles))
         report([h for h, _ in handles], console, summary_dir=sweep_dir)
+        compare_points([h for h, _ in handles], console, sweep_dir / "comparison")
 
         results = []
         for (overrides, cfg, run_dir, sweep_config, _), (handle, _) in zip(points, handles):
