@@ -9,12 +9,22 @@ class ModelNotAvailable(FileNotFoundError):
     """model.path names no local folder and the hub cannot supply it (offline, unreachable, unknown or gated)."""
 
 
+# The CPU testbed's warm-started base policy ships with the repository (a few MB), beside the tool that rebuilds it.
+TESTBED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "testbed_model"
+
+
 def resolve_model_dir(path: str) -> str:
-    """"tiny" → the project's tiny Qwen3; a folder → itself; anything else is a hub name, downloaded once."""
+    """"tiny" → the project's tiny Qwen3; "testbed" → the testbed's warm-started policy; a folder → itself;
+    anything else is a hub name, downloaded once."""
     if path == "tiny":
         from p2o_hpc.tiny_model import build_tiny_model
 
         return str(build_tiny_model())
+    if path == "testbed":
+        if not (TESTBED_MODEL_DIR / "config.json").is_file():
+            raise ModelNotAvailable(f"model.path=testbed: {TESTBED_MODEL_DIR} holds no model; rebuild it with "
+                                    "`python tools/build_testbed_model.py`")
+        return str(TESTBED_MODEL_DIR)
     if Path(path).is_dir():
         return str(Path(path).resolve())
     if Path(path).is_absolute() or path.startswith("."):
