@@ -198,6 +198,7 @@ def save_hf_folder(model, arch: HFArchitecture, source_dir: str | Path, out_dir:
             file_name = f"model-{index:05d}.safetensors"
             save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in bucket},
                       str(staging / file_name), metadata={"format": "pt"})
+            (staging / file_name).chmod(0o644)  # safetensors writes 0600; other users' jobs read these folders
             weight_map.update({name: file_name for name, _ in bucket})
     if write:
         for item in Path(source_dir).iterdir():

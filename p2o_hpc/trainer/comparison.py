@@ -43,7 +43,7 @@ class PointSummary:
     gepa_accepted: int
     rollouts_policy: int
     rollouts_gepa: int
-    wall_s: float
+    wall_s: float  # from the first metrics line to the last (start-up before the first line is not in it)
     val_sets: list[str] = field(default_factory=list)
 
     @property
@@ -70,14 +70,14 @@ def summarize(run_path: str | Path, name: str | None = None) -> PointSummary:
                 final[key] = float(value)
                 curves.setdefault(key, []).append((int(row["step"]), float(value)))
     hard = [int(row["hard/size"]) for row in rows if "hard/size" in row]
-    started = run_dir.config.stat().st_mtime
+    stamps = [row["_timestamp"] for row in rows if "_timestamp" in row]
     return PointSummary(
         name=name, algorithm=str(cfg.algorithm.name), seed=int(cfg.trainer.seed), group=_without_seed(name),
         steps=len(steps), final=final, curves=curves, hard_sizes=hard,
         gepa_accepted=int(sum(row.get("gepa/accepted", 0) for row in rows)),
         rollouts_policy=len(steps) * cfg.algorithm.prompts_per_step * cfg.algorithm.n_samples,
         rollouts_gepa=int(sum(row.get("gepa/budget_used", 0) for row in rows)),
-        wall_s=max(0.0, run_dir.metrics.stat().st_mtime - started), val_sets=validation_sets(rows))
+        wall_s=(stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0, val_sets=validation_sets(rows))
 
 
 # -- table ---------------------------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def table_rows(points: list[PointSummary]) -> list[dict[str, str]]:
         row["rollouts (policy + GEPA)"] = " + ".join(
             _mean_std([float(getattr(m, attr)) for m in members]).replace(".000", "")
             for attr in ("rollouts_policy", "rollouts_gepa"))
-        row["wall (s)"] = _mean_std([m.wall_s for m in members]).replace(".000", "")
+        row["wall, first to last line (s)"] = _mean_std([m.wall_s for m in members]).replace(".000", "")
         rows.append(row)
     return rows
 

@@ -50,7 +50,7 @@ class MetricsSink:
             )
 
     def log(self, metrics: dict, step: int) -> None:
-        row = {"step": step, **metrics}
+        row = {"step": step, **metrics, "_timestamp": time.time()}  # wall clock, as wandb's own _timestamp
         # Appended line by line: each line is one complete JSON record; a resumed run truncates what it redoes.
         with open(self.path, "a") as handle:
             handle.write(json.dumps(row) + "\n")

@@ -52,7 +52,7 @@ def read_metrics(run_dir: RunDir) -> list[dict]:
     return rows
 
 
-def plot_training(rows: list[dict], out: str | Path) -> Path:
+def plot_training(rows: list[dict], out: str | Path, algorithm: str = "GRPO") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +89,7 @@ def plot_training(rows: list[dict], out: str | Path) -> Path:
     epoch_ax.set_xlabel("epoch")
     if not plot_validation(axes[-1], rows):
         axes[-1].axis("off")
-    fig.suptitle(f"GRPO training, {len(training_rows(rows))} steps")
+    fig.suptitle(f"{algorithm} training, {len(training_rows(rows))} steps")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
@@ -143,7 +143,9 @@ def write_report(run_dir: RunDir, console: Console | None = None) -> Path:
     rows = read_metrics(run_dir)
     if not rows:
         raise ValueError(f"{run_dir.metrics}: empty")
-    path = plot_training(rows, run_dir.plots / "training.png")
+    # The title names the run's algorithm (p2o, grpo_2x, …); a bare metrics file is plotted as GRPO's.
+    algorithm = str(run_dir.load_config().algorithm.name) if run_dir.config.is_file() else "GRPO"
+    path = plot_training(rows, run_dir.plots / "training.png", algorithm)
     if console is not None:
         console.print(summary_table(rows))
         console.print(f"curves → {path}")
