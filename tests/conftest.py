@@ -38,6 +38,17 @@ def untied_sharded_model_dir(tmp_path_factory):
 SANITY_TARGET = "\\"  # a backslash in the first 16 characters: ~20 % of the tiny model's samples at T=0.6
 
 
+@pytest.fixture(scope="module")
+def one_process_group(tmp_path_factory):
+    """A one-rank gloo group in this process, for code that calls torch.distributed collectives."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     """`toy_data(n)`: the first n MATH500 questions with the `early_substring` reward's target as their answer,

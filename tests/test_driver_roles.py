@@ -5,22 +5,11 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-import torch.distributed as dist
-
 from p2o_hpc.algo.hooks import AlgorithmHooks
 from p2o_hpc.config import RunConfig
 from p2o_hpc.records import Problem, Rollout, StepBatch
 from p2o_hpc.trainer.metrics import PhaseTimer
 from p2o_hpc.trainer.rollout_side import OffPolicySchedule, RolloutSide
-
-
-@pytest.fixture(scope="module")
-def one_process_group(tmp_path_factory):
-    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 class ScriptedEngine:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch.distributed as dist
 
 from p2o_hpc.algo.hooks import AlgorithmHooks
 from p2o_hpc.config import RunConfig, ValidationConfig, ValidationSetConfig, to_run_config, validate, validation_sets
@@ -76,14 +75,6 @@ def test_the_template_for_held_out_problems_is_the_best_on_dev_and_ties_go_to_th
     run_dir.templates(3).parent.mkdir(parents=True)
     run_dir.templates(3).write_text("{not json")
     assert run_dir.best_template(3) is None and run_dir.best_template(4) is None
-
-
-@pytest.fixture(scope="module")
-def one_process_group(tmp_path_factory):
-    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_the_exchange_takes_the_rounds_best_template_and_the_p2o_hooks_hand_it_to_validation(tmp_path,
