@@ -54,7 +54,7 @@ def compare_points(handles: list, console, out_dir: Path) -> None:
         except (OSError, ValueError) as error:
             console.print(f"[yellow]comparison: {handle.name} left out: {error}[/yellow]")
     if len(points) >= 2:
-        write_comparison(points, out_dir, console, title=f"sweep {out_dir.parent.name}: the points side by side")
+        write_comparison(points, out_dir, console, title=f"sweep {out_dir.name}: the points side by side")
 
 
 def point_dir_name(subdir: str, max_len: int = 200) -> str:
@@ -143,7 +143,7 @@ class SweepLauncher(Launcher):
                     console.print(f"[red]{handle.name}: {handle.error}[/red]")
             supervise([h for h, _ in handles], console, min(h.cfg.cluster.poll_s for h, _ in handles))
         report([h for h, _ in handles], console, summary_dir=sweep_dir)
-        compare_points([h for h, _ in handles], console, sweep_dir / "comparison")
+        compare_points([h for h, _ in handles], console, sweep_dir)
 
         results = []
         for (overrides, cfg, run_dir, sweep_config, _), (handle, _) in zip(points, handles):
