@@ -137,7 +137,7 @@ def test_cli_prints_cached_path(tiny_root, tiny_path, monkeypatch, capsys):
 
 
 def test_crashed_build_leaves_no_folder(tmp_path, monkeypatch):
-    def crash(folder, settings, seed):
+    def crash(folder, settings, seed, tokenizer_corpus):
         (folder / "config.json").write_text("{}")
         raise RuntimeError("killed mid-build")
 
@@ -152,7 +152,7 @@ def default_folder_name(seed: int = 0) -> str:
 
 
 def test_concurrent_builder_that_finishes_first_wins(tmp_path, monkeypatch):
-    def slower_than_another_process(folder, settings, seed):
+    def slower_than_another_process(folder, settings, seed, tokenizer_corpus):
         (folder / "mine").write_text("")
         theirs = tmp_path / default_folder_name(seed)
         theirs.mkdir()
