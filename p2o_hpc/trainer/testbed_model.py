@@ -47,7 +47,7 @@ class TestbedModelSpec:
 
 
 def tokenizer_corpus(spec: TestbedModelSpec) -> TokenizerCorpus:
-    return TokenizerCorpus(lambda: tokenizer_texts(), {"testbed": RECIPE_VERSION}, spec.vocab_target)
+    return TokenizerCorpus(tokenizer_texts, {"testbed": RECIPE_VERSION}, spec.vocab_target)
 
 
 def sft_rows(tokenizer, rows: list[dict]) -> list[tuple[str, str]]:
