@@ -74,6 +74,7 @@ def test_p2o_with_the_gepa_service_as_its_own_process(service_run):
     assert not run_dir.ready(1)  # no round after the last epoch
 
 
+@pytest.mark.long
 def test_p2o_with_gepa_inline(tmp_path, sanity_data):
     run_dir = RunDir(tmp_path / "run")
     launch(run_dir.path, *p2o_overrides(sanity_data, "inline"))
@@ -140,6 +141,7 @@ def _round_result(run_dir: RunDir) -> dict:
     return {key: document[key] for key in ("pool", "dev_ids", "cover", "assignments", "budget", "counters")}
 
 
+@pytest.mark.long
 def test_killed_service_resumes_to_the_same_result(tmp_path, service_run):
     """kill -9 mid-evolution, restart: the same templates and budget as the uninterrupted round the learner's run
     got from its service (same inputs, seeded evaluation, greedy reflection), nothing charged twice."""
@@ -170,6 +172,7 @@ def test_killed_service_resumes_to_the_same_result(tmp_path, service_run):
     assert not leftovers.stdout.split(), leftovers.stdout
 
 
+@pytest.mark.long
 def test_overlap_schedule_defers_hard_prompts_until_their_templates_land(tmp_path, sanity_data):
     run_dir = tmp_path / "run"
     launch(run_dir, *p2o_overrides(sanity_data, "service"), "gepa.schedule=overlap")

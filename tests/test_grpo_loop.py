@@ -50,7 +50,7 @@ def sanity_overrides(data: Path, steps: int) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("parallel", ["tp2", "pp2"])
+@pytest.mark.parametrize("parallel", [pytest.param("tp2", marks=pytest.mark.long), "pp2"])
 def test_smoke_experiment(tmp_path, parallel):
     run_dir = tmp_path / "run"
     launch(run_dir, "experiment=smoke", f"parallel={parallel}")
@@ -75,6 +75,7 @@ def test_smoke_experiment(tmp_path, parallel):
     assert any((run_dir / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.long
 def test_learning_sanity(tmp_path, sanity_data):
     """A learnable reward rises over a few dozen steps: gradient sign, loss masking and weight sync are right."""
     run_dir = tmp_path / "run"
@@ -103,6 +104,7 @@ def _checkpoint_tensors(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Ten
     return {key: value for key, value in state.items() if torch.is_tensor(value)}
 
 
+@pytest.mark.long
 def test_resume_equals_uninterrupted(tmp_path, sanity_data):
     """3 steps straight vs 2 steps, a kill mid-checkpoint (debris left behind), resume, 1 step.
 

@@ -23,7 +23,8 @@ def write_templates(run_dir, epoch: int) -> None:
     RunDir(run_dir).publish_templates(epoch, {"assignments": {prompt_id: DRAWS for prompt_id in ids}})
 
 
-@pytest.mark.parametrize(("algorithm", "parallel"), [("p2o", "tp2"), ("p2o", "pp2"), ("p2o_no_cd", "tp1")])
+@pytest.mark.parametrize(("algorithm", "parallel"), [pytest.param("p2o", "tp2", marks=pytest.mark.long),
+                                                      ("p2o", "pp2"), ("p2o_no_cd", "tp1")])
 def test_templates_are_rolled_out_and_distilled(tmp_path, algorithm, parallel):
     """CD under TP (vocab-parallel log-probs of both prompts) and PP (they exist on the last stage only)."""
     run_dir = tmp_path / "run"

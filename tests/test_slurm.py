@@ -101,6 +101,7 @@ def test_bad_override_fails_before_submission(slurm_cluster, tmp_path):
     assert typo.returncode != 0 and "algorithm.tua" in typo.stderr and "Key 'tua' not in 'AlgorithmConfig'" in typo.stderr
 
 
+@pytest.mark.long
 def test_two_nodes_two_ranks_each(slurm_cluster, tmp_path):
     """TP=2 × DP=2: step 1 as 4 local processes, then `resume=` on SLURM over 2 nodes × 2 tasks: ranks on both
     nodes, TP inside a node, DP across, and the run continues from the local checkpoint with step 2."""
@@ -169,6 +170,7 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path, sanity_data):
     assert sacct_state(job_id) == "COMPLETED"
 
 
+@pytest.mark.long
 def test_runtime_failure_is_isolated(slurm_cluster, tmp_path, teacher):
     """A point that crashes in its job is reported FAILED (its GEPA service cancelled); its sibling completes.
     (gepa.min_hard=100: no GEPA round, the completing point's service just ends with its run.)"""
@@ -186,6 +188,7 @@ def test_runtime_failure_is_isolated(slurm_cluster, tmp_path, teacher):
     assert sacct_state(service) == "CANCELLED"
 
 
+@pytest.mark.long
 def test_sweep_reflection_self_teacher(slurm_cluster, tmp_path, teacher):
     """`-m reflection=self,teacher`: two points, each a learner job + a GEPA service job; the self point's service
     is cancelled before its round and resubmitted by the launcher; both services end with their runs.
