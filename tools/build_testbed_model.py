@@ -1,6 +1,6 @@
 """Rebuild the CPU testbed's base policy (assets/testbed_model/, what `experiment=testbed` runs): a small Qwen3 with
 a tokenizer trained on the task, warm-started by the project's megatron learner with the `sft` loss, then its
-latent-skill report (assets/testbed_model/latent_skill.json). Deterministic from --seed; ~20 min on 2 CPU cores.
+latent-skill report (assets/testbed_model/latent_skill.json). Deterministic from --seed; ~12 min on 2 CPU cores.
 
     python tools/build_testbed_model.py [--out assets/testbed_model] [--seed 0] [--rows N] [--layers L]
 """

@@ -2,7 +2,7 @@
 `reflection=self` point (the testbed's own model as the reflector), run as ordinary sweeps through the project's
 launcher, then one table (mean ± std over seeds), a CSV of every run and the figures in one folder.
 
-    python tools/testbed_report.py --out reports/testbed [--seeds 1 2 3] [--algorithms grpo grpo_2x p2o ...]
+    python tools/testbed_report.py --out reports/testbed [--seeds 1 2 3] [--algorithms grpo p2o ...] [overrides]
 
 Each point is a normal run dir (config.yaml, metrics.jsonl, plots/), so any of them can be inspected or re-run alone:
 `python -m p2o_hpc.launch experiment=testbed algorithm=p2o trainer.seed=2`. Runs that already finished in --out are
@@ -38,14 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
     parser.add_argument("--no-self", action="store_true", help="skip the reflection=self point")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every point, e.g. model.path=DIR")
     args = parser.parse_args(argv)
     console = Console()
     out = Path(args.out).resolve()
     seeds = ",".join(map(str, args.seeds))
-    sweep(out / "runs", [f"algorithm={','.join(args.algorithms)}", f"trainer.seed={seeds}"], console)
+    sweep(out / "runs", [f"algorithm={','.join(args.algorithms)}", f"trainer.seed={seeds}", *args.overrides], console)
     if not args.no_self:
-        sweep(out / "runs_reflection_self", ["algorithm=p2o", "reflection=self", f"trainer.seed={args.seeds[0]}"],
-              console)
+        sweep(out / "runs_reflection_self", ["algorithm=p2o", "reflection=self", f"trainer.seed={args.seeds[0]}",
+                                               *args.overrides], console)
     run_dirs = sorted(path.parent for path in out.glob("runs*/*/metrics.jsonl"))
     points = [summarize(run_dir) for run_dir in run_dirs]  # named from their overrides (reflection=self included)
     write_comparison(points, out, console, title=f"CPU testbed: {len(args.algorithms)} algorithms × seeds {seeds}")

@@ -74,7 +74,7 @@ class CorpusSpec:
     hard_share: float = 0.7  # of the rows
     instructed_share: float = 0.5  # of the hard rows: an instruction of the right kind
     conflicting_share: float = 0.1  # of the other hard rows: instructions of both kinds (direct answer)
-    latent_share: float = 0.04  # of the uninstructed hard rows: the worked format anyway
+    latent_share: float = 0.06  # of the uninstructed hard rows: the worked format anyway
 
 
 def corpus(spec: CorpusSpec) -> list[dict]:

@@ -30,7 +30,7 @@ from p2o_hpc.trainer.sft import SFTSettings, run_sft
 TESTBED_TEMPLATE = "{problem}"
 CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}  # Qwen3's non-thinking mode, as the paper's runs
 REPORT_NAME = "latent_skill.json"
-RECIPE_VERSION = 2  # bump when the corpus, tokenizer or task changes what the model learns
+RECIPE_VERSION = 3  # bump when the corpus, tokenizer or task changes what the model learns
 
 
 @dataclass(frozen=True)
