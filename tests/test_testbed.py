@@ -19,6 +19,8 @@ from tests.test_config_schema import compose
 def test_the_testbed_preset_prompts_as_the_warm_start_trained(algorithm):
     cfg = to_run_config(compose("experiment=testbed", f"algorithm={algorithm}"))
     validate(cfg)
+    assert cfg.algorithm.name == algorithm  # the preset leaves what the algorithm group sets alone
+    assert cfg.algorithm.n_samples == (12 if algorithm == "grpo_2x" else 6)
     assert cfg.data.template == TESTBED_TEMPLATE and dict(cfg.data.chat_template_kwargs) == CHAT_TEMPLATE_KWARGS
     assert cfg.model.path == "testbed" and cfg.reflection.kind == "edit"
     assert set(cfg.validation.sets) == {"hard", "easy"} and cfg.validation.before_training

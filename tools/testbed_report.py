@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                                                *args.overrides], console)
     run_dirs = sorted(path.parent for path in out.glob("runs*/*/metrics.jsonl"))
     points = [summarize(run_dir) for run_dir in run_dirs]  # named from their overrides (reflection=self included)
-    write_comparison(points, out, console, title=f"CPU testbed: {len(args.algorithms)} algorithms × seeds {seeds}")
+    algorithms = sorted({point.algorithm for point in points})
+    write_comparison(points, out, console, title=f"CPU testbed: {', '.join(algorithms)} × seeds {seeds}")
     return 0
 
 
