@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from safetensors.torch import save_file
 
 from p2o_hpc.megatron.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from p2o_hpc.megatron.conversion_check import learner_logits, make_batch
 from p2o_hpc.megatron.distributed import init_megatron
 from p2o_hpc.megatron.hf_weights import export_hf_weights
 from p2o_hpc.megatron.model_provider import read_hf_architecture
@@ -57,7 +58,8 @@ def export_to_file(model, arch, path: str, bucket_bytes: int) -> None:
 
 
 def learner_worker(hf_dir: str, tp: int, pp: int, actions: list[tuple], out_dir: str) -> None:
-    """Runs ('train', n) / ('save',) / ('load', with_optimizer) / ('export', file, bucket_bytes) in order."""
+    """Runs ('train', n) / ('save',) / ('load', with_optimizer) / ('export', file, bucket_bytes) / ('logits', file)
+    in order; 'logits' saves the learner's full logits of conversion_check.make_batch (the last stage's TP rank 0)."""
     init_megatron(tp, pp)
     arch = read_hf_architecture(hf_dir)
     learner = build_learner(arch, hf_dir, TEST_OPTIM, TEST_SCHEDULE)
@@ -76,6 +78,12 @@ def learner_worker(hf_dir: str, tp: int, pp: int, actions: list[tuple], out_dir:
             load_checkpoint(learner, latest_checkpoint(Path(out_dir) / "checkpoints"), with_optimizer=action[1])
         elif action[0] == "export":
             export_to_file(learner.model, arch, str(Path(out_dir) / action[1]), action[2])
+        elif action[0] == "logits":
+            input_ids, attention_mask = make_batch(arch.vocab_size, batch=2, seq=32, seed=0)
+            outputs = learner_logits(learner.model, arch, input_ids)
+            if outputs is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+                torch.save({"input_ids": input_ids, "attention_mask": attention_mask, **outputs},
+                           Path(out_dir) / action[1])
     if dist.get_rank() == 0:
         (Path(out_dir) / f"metrics_tp{tp}_pp{pp}.json").write_text(json.dumps(metrics))
 

@@ -17,9 +17,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "p2o_hpc"
 
 # Top to bottom. A module belongs to the layer of its longest matching prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("entry points", ("p2o_hpc.launch", "p2o_hpc.gepa.service", "p2o_hpc.cluster.sweep_launcher")),
+    ("entry points", ("p2o_hpc.launch", "p2o_hpc.eval", "p2o_hpc.gepa.service", "p2o_hpc.cluster.sweep_launcher")),
     ("orchestration", ("p2o_hpc.cluster",)),
     ("training driver", ("p2o_hpc.trainer",)),
+    ("evaluation", ("p2o_hpc.evaluation",)),
     ("P²O", ("p2o_hpc.p2o",)),
     ("GEPA", ("p2o_hpc.gepa", "p2o_hpc.reflection")),
     ("rollout, reward, algorithms, data", ("p2o_hpc.rollout", "p2o_hpc.reward", "p2o_hpc.algo", "p2o_hpc.data")),

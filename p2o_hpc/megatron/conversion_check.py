@@ -74,24 +74,30 @@ def _worker(hf_dir: str, tp: int, pp: int, batch: int, seq: int, seed: int, nega
         Path(result_path).write_text(json.dumps(diffs))
 
 
-def hf_parity(model, arch, hf_dir: str | Path, input_ids: torch.Tensor,
-              attention_mask: torch.Tensor) -> dict[str, float]:
-    """Collective: max |megatron − transformers| of the logits and log-probs on the valid positions of a
-    right-padded batch, for the megatron `model` as it is now against the HF folder `hf_dir` (the import check,
-    and a trained model against its export). The same numbers come back on every rank."""
+def learner_logits(model, arch, input_ids: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """Collective: the megatron `model`'s full-vocabulary logits and next-token log-probs of one batch, on the CPU;
+    None except on the last pipeline stage."""
 
     def collect(micro_batch, logits_shard):
         full_logits = gather_from_tensor_model_parallel_region(logits_shard)[..., : arch.vocab_size]
         return {"logits": full_logits, "logprobs": next_token_logprobs(logits_shard, micro_batch["input_ids"], arch.vocab_size)}
 
-    device = torch.cuda.current_device()
-    outputs = forward_collect(model, [{"input_ids": input_ids.to(device)}], collect)
-    diffs = torch.zeros(2, dtype=torch.float64, device=device)
-    if outputs and parallel_state.get_tensor_model_parallel_rank() == 0:
+    outputs = forward_collect(model, [{"input_ids": input_ids.to(torch.cuda.current_device())}], collect)
+    return {key: value.cpu() for key, value in outputs[0].items()} if outputs else None
+
+
+def hf_parity(model, arch, hf_dir: str | Path, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor) -> dict[str, float]:
+    """Collective: max |megatron − transformers| of the logits and log-probs on the valid positions of a
+    right-padded batch, for the megatron `model` as it is now against the HF folder `hf_dir` (the import check,
+    and a trained model against its export). The same numbers come back on every rank."""
+    outputs = learner_logits(model, arch, input_ids)
+    diffs = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
+    if outputs is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
         ref_logits, ref_logprobs = hf_reference(hf_dir, input_ids.cpu(), attention_mask.cpu())
         valid = attention_mask.cpu().bool()
-        diffs[0] = (outputs[0]["logits"].cpu() - ref_logits)[valid].abs().max()
-        diffs[1] = (outputs[0]["logprobs"].cpu() - ref_logprobs)[valid[:, 1:]].abs().max()
+        diffs[0] = (outputs["logits"] - ref_logits)[valid].abs().max()
+        diffs[1] = (outputs["logprobs"] - ref_logprobs)[valid[:, 1:]].abs().max()
     dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
     return {"max_abs_logit_diff": diffs[0].item(), "max_abs_logprob_diff": diffs[1].item()}
 
