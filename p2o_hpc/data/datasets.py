@@ -8,6 +8,7 @@ answer only shows up much later as a wrong reward.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -464,18 +465,34 @@ def balance_by_answer_type(
     return kept
 
 
-def _recipe_result(train: list[Problem], held: list[Problem], num_rows: int, take: int) -> RecipeSplit:
+def _check_recipe_result(train: list[Problem], held: list[Problem], num_rows: int, take: int) -> None:
     if not train:
         raise DatasetError(f"recipe left no training rows: {num_rows} rows, {len(held)} held out")
     if len(train) < take:
         log.info("recipe: only %d training rows (asked for %d) from %d rows", len(train), take, num_rows)
-    return RecipeSplit(train, held)
 
 
 RECIPES = ("deepscaler", "deepmath")
 
 
-def recipe_split(
+@dataclasses.dataclass(frozen=True)
+class RecipeSelection:
+    """What a recipe selected, with the counts a data manifest reports (recipe_split gives only the two sets)."""
+
+    train: list[Problem]
+    holdout: list[Problem]
+    source_rows: int  # rows the selection ran over, unanswered ones included
+    unanswered_train: int  # selected, then dropped for a null/empty answer
+    unanswered_holdout: int
+
+
+def recipe_split(source: str | Path, recipe: str | None, **options: Any) -> RecipeSplit:
+    """(train, holdout) of :func:`recipe_selection`; the options are its keywords."""
+    selection = recipe_selection(source, recipe, **options)
+    return RecipeSplit(selection.train, selection.holdout)
+
+
+def recipe_selection(
     source: str | Path,
     recipe: str | None,
     *,
@@ -485,7 +502,7 @@ def recipe_split(
     min_difficulty: float = 7.0,
     balance: bool = True,
     split: str = "train",
-) -> RecipeSplit:
+) -> RecipeSelection:
     """A training set's (train, holdout) as the authors select it, from a DATASETS / HF_DATASETS name, a local
     .json/.jsonl path or "hf:owner/name"; the one place the paper's subsets are selected.
 
@@ -519,9 +536,10 @@ def recipe_split(
             kept = [kept[j] for j in order]
         train, held = authors_split(len(kept), seed=seed, holdout=holdout, take=take, shuffle_first=False)
         train, held = [kept[i] for i in train], [kept[i] for i in held]
-    train_problems = _raw_to_problems(raw, train)
-    held_problems = _raw_to_problems(raw, held)
-    return _recipe_result(train_problems, held_problems, len(raw), take if recipe else len(train_problems))
+    train_problems, unanswered_train = _raw_to_problems(raw, train)
+    held_problems, unanswered_held = _raw_to_problems(raw, held)
+    _check_recipe_result(train_problems, held_problems, len(raw), take if recipe else len(train_problems))
+    return RecipeSelection(train_problems, held_problems, len(raw), unanswered_train, unanswered_held)
 
 
 class _RawRow(NamedTuple):
@@ -590,7 +608,8 @@ def _raw_difficulty(raw: _RawRow) -> float:
         raise DatasetError(f"{raw.where}: field 'difficulty' is not numeric: {value!r}") from None
 
 
-def _raw_to_problems(raw: Sequence[_RawRow], positions: Iterable[int]) -> list[Problem]:
+def _raw_to_problems(raw: Sequence[_RawRow], positions: Iterable[int]) -> tuple[list[Problem], int]:
+    """The selected rows as Problems, and how many were dropped for a null/empty answer (logged)."""
     problems, skipped = [], []
     for position in positions:
         item = raw[position]
@@ -602,5 +621,5 @@ def _raw_to_problems(raw: Sequence[_RawRow], positions: Iterable[int]) -> list[P
             problems.append(problem)
     if skipped:
         log.warning("dropped %d selected row(s) with a null/empty answer: %s", len(skipped), "; ".join(skipped[:5]))
-    return problems
+    return problems, len(skipped)
 
