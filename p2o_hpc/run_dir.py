@@ -7,6 +7,7 @@ The two jobs of a P²O run share nothing but this folder (on a cluster, shared s
     learner.lease                 learner rank 0 while it runs (host, pid, heartbeat): one learner per run dir
     gepa_service.lease            the GEPA service while it runs: one service per run dir
     checkpoints/  metrics.jsonl  wandb_run_id  plots/  logs/    the learner's own files
+    hf/step_<N>/  wandb_sync/      tools/convert_to_hf.py's HF exports; tools/sync_wandb.py's rebuilt wandb run
     jobs.json  error.txt  <cluster.submitit_folder>/            the launcher's: job ids, its error, submitit's files
 
     epochs/<e>/hard_set.jsonl     learner, end of epoch e: the prompts whose K rollouts (almost) all failed
@@ -103,6 +104,15 @@ class RunDir:
     @property
     def wandb_run_id(self) -> Path:
         return self.path / "wandb_run_id"
+
+    @property
+    def wandb_sync(self) -> Path:
+        """The one wandb run rebuilt from metrics.jsonl (tools/sync_wandb.py), whatever number of jobs the run took."""
+        return self.path / "wandb_sync"
+
+    def hf_export(self, step: int) -> Path:
+        """The HF folder tools/convert_to_hf.py makes of checkpoints/step_<step>."""
+        return self.path / "hf" / f"step_{step}"
 
     def submitit(self, folder: str) -> Path:
         """submitit's job scripts and logs (`folder`: cluster.submitit_folder, relative to the run dir)."""

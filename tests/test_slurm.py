@@ -19,6 +19,7 @@ import submitit
 
 from p2o_hpc.paths import REPO_ROOT
 from p2o_hpc.run_dir import RunDir
+from tests.test_sync_wandb import read_offline_run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.multiproc]
 
@@ -129,15 +130,17 @@ def test_two_nodes_two_ranks_each(slurm_cluster, tmp_path):
 def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path, sanity_data):
     """USR2 (the timeout path) while step 1 of 4 is under way (2 steps an epoch, so step 1 has no regular
     checkpoint): checkpoint at the step boundary, requeue, resume; no step lost or repeated, and the resumed steps
-    equal an uninterrupted run of the same config."""
-    common = [*SLURM, "experiment=smoke", f"data.train={sanity_data}", "data.limit=8",
+    equal an uninterrupted run of the same config. The preempted run logs to wandb offline: each of its jobs leaves
+    an offline run (wandb ignores `resume` offline), and tools/sync_wandb.py makes them one run of its steps."""
+    common = [*SLURM[:2], "experiment=smoke", f"data.train={sanity_data}", "data.limit=8",
               "data.reward=early_substring", "rollout.max_response_tokens=8", "algorithm.max_steps=4",
               "algorithm.lr=2e-3", "trainer.save_every=100", "cluster.time_min=5", "cluster.max_num_timeout=3"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     straight, preempted = RunDir(tmp_path / "straight"), RunDir(tmp_path / "preempted")
-    procs = [subprocess.Popen([sys.executable, "-m", "p2o_hpc.launch", *common, f"hydra.run.dir={run_dir.path}"],
-                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for run_dir in (straight, preempted)]
+    procs = [subprocess.Popen([sys.executable, "-m", "p2o_hpc.launch", *common, logging,
+                               f"hydra.run.dir={run_dir.path}"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for run_dir, logging in ((straight, "logging=none"), (preempted, "logging=wandb_offline"))]
     try:
         deadline = time.time() + 600
         while time.time() < deadline and procs[1].poll() is None:
@@ -168,6 +171,21 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path, sanity_data):
             assert row_b[key] == pytest.approx(row_a[key], rel=1e-4, abs=1e-6), (row_b["step"], key)
     assert any(row["actor/loss"] != 0 for row in a)  # a comparison of something
     assert sacct_state(job_id) == "COMPLETED"
+
+    # wandb offline: one offline run per job, under the run's one id; the tool rebuilds the run from metrics.jsonl.
+    run_id = preempted.wandb_run_id.read_text().strip()
+    per_job = sorted((preempted.path / "wandb").glob("offline-run-*"))
+    assert len(per_job) == 2 and all(folder.name.endswith(run_id) for folder in per_job), per_job
+    assert log.count("wandb offline: this job's part of the run is") == 2
+    assert [read_offline_run(folder).steps for folder in per_job] == [[1], [2, 3, 4]]  # what `wandb sync` would get
+    synced = subprocess.run([sys.executable, "tools/sync_wandb.py", str(preempted.path)], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    folder = Path(synced.stdout.split("wandb sync ")[-1].strip())
+    run = read_offline_run(folder)
+    assert [record.run_id for record in run.runs] == [run_id]
+    assert run.steps == [row["step"] for row in b]  # continuous and unique (above), each once
+    assert [row["reward/mean"] for row in run.history] == [row["reward/mean"] for row in b]
 
 
 @pytest.mark.long

@@ -70,9 +70,14 @@ def run_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def default_out_dir(checkpoint: str | Path) -> Path:
-    """``<run>/checkpoints/step_N`` → ``<run>/hf/step_N`` (beside the checkpoints, on the same storage)."""
+    """``<run>/checkpoints/step_N`` → ``<run>/hf/step_N`` (RunDir.hf_export: beside the checkpoints, same storage)."""
+    from p2o_hpc.run_dir import RunDir
+
     checkpoint = Path(checkpoint).resolve()
-    return checkpoint.parent.parent / "hf" / checkpoint.name
+    match = _STEP_DIR.match(checkpoint.name)
+    if not match:
+        raise CheckpointConversionError(f"{checkpoint}: not a checkpoints/step_<N> folder; give an out dir")
+    return RunDir(checkpoint.parent.parent).hf_export(int(match.group(1)))
 
 
 def base_model_of(checkpoint: str | Path) -> str:

@@ -1,6 +1,12 @@
 """Where step metrics go: the run dir's ``metrics.jsonl`` (always) and wandb (offline unless configured online).
 
 Only rank 0 logs. The API key, when online, comes from the environment (WANDB_API_KEY) and is never logged.
+
+metrics.jsonl is the run's record: one line per step, continuous over requeues (a resumed job truncates the steps
+it redoes). wandb offline is not: it ignores `resume`, so each job of a requeued run writes its own
+``<run dir>/wandb/offline-run-*`` (same id, steps restarting at the checkpoint). Upload a run with
+``python tools/sync_wandb.py <run dir> --online``, which rebuilds one wandb run from metrics.jsonl; do not
+`wandb sync` the per-job folders.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import os
 import time
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 
 from p2o_hpc.io_utils import atomic_write_text
 from p2o_hpc.run_dir import RunDir
@@ -30,6 +37,17 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def wandb_run_id(run_dir: RunDir) -> str:
+    """The run dir's wandb id, made on first use and kept with the run: every job of it, and the run that
+    tools/sync_wandb.py rebuilds, is the same wandb run."""
+    id_file = run_dir.wandb_run_id
+    if id_file.exists():
+        return id_file.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    atomic_write_text(id_file, run_id)
+    return run_id
+
+
 class MetricsSink:
     def __init__(self, run_dir: RunDir, *, wandb_mode: str, project: str, entity: str | None, name: str | None,
                  config: dict, group: str | None = None):
@@ -39,15 +57,15 @@ class MetricsSink:
         if wandb_mode != "disabled":
             import wandb
 
-            # One wandb run per run dir, resumed with it (the id is kept next to the metrics).
-            id_file = run_dir.wandb_run_id
-            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-            atomic_write_text(id_file, run_id)
+            # One wandb run per run dir, resumed with it online (offline ignores `resume`: see the module docstring).
             os.environ.setdefault("WANDB_SILENT", "true")
             self._wandb = wandb.init(
-                mode=wandb_mode, project=project, entity=entity, name=name, group=group, id=run_id, resume="allow",
-                dir=str(run_dir.path), config=config,
+                mode=wandb_mode, project=project, entity=entity, name=name, group=group, id=wandb_run_id(run_dir),
+                resume="allow", dir=str(run_dir.path), config=config,
             )
+            if wandb_mode == "offline":  # in the job's log: where this job's part went, and how to upload the run
+                print(f"wandb offline: this job's part of the run is {Path(self._wandb.dir).parent}; upload the "
+                      f"whole run with `python tools/sync_wandb.py {run_dir.path} --online`", flush=True)
 
     def log(self, metrics: dict, step: int) -> None:
         row = {"step": step, **metrics, "_timestamp": time.time()}  # wall clock, as wandb's own _timestamp
