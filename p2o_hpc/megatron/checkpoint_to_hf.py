@@ -259,9 +259,17 @@ def _copy_model_files(base_dir: Path, staging: Path, dtype: torch.dtype) -> None
 
 
 def _peak_rss_bytes() -> int:
+    """This process's resident-memory high-water mark. Linux's VmHWM belongs to the process image; getrusage's
+    ru_maxrss survives exec, so a converter started by a big parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def _check_against_base(written: dict[str, tuple[tuple[int, ...], torch.dtype]],
