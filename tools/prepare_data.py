@@ -32,8 +32,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from p2o_hpc.data import contamination
-from p2o_hpc.data.datasets import (DATASETS, HF_DATASETS, HF_PREFIX, RECIPES, DatasetError, _source_rows, load_named,
-                                   load_problems, recipe_selection)
+from p2o_hpc.data.datasets import (DATASETS, HF_DATASETS, HF_PREFIX, RECIPES, DatasetError, load_named, load_problems,
+                                   recipe_selection, source_rows)
 from p2o_hpc.data.prepared import manifest_markdown, sha256_file, write_problems
 from p2o_hpc.io_utils import atomic_write_text
 from p2o_hpc.paths import cache_dir, shared_data_dir
@@ -72,7 +72,7 @@ class PreparedSet:
 def describe_source(source: str) -> tuple[dict, int]:
     """(what the manifest records of a source: its files with sha256, or its hf name and a hash of its rows,
     the number of rows the recipe sees, unanswered ones included)."""
-    rows = _source_rows(source, "train")
+    rows = source_rows(source, "train")
     if source in DATASETS:
         entry = DATASETS[source]
         root = shared_data_dir()

@@ -275,14 +275,14 @@ def _row_to_problem(row: Any, where: str, *, default_id: str, label: str, skip_u
             return None
         raise DatasetError(f"{where}: field {answer_field!r} is empty or null")
 
-    problem_id = _row_id(row, default_id)
+    problem_id = row_id(row, default_id)
     meta = {k: v for k, v in row.items() if k not in _META_DROP}
     # A JSON "\ud800" escape parses into a lone surrogate, which a tokenizer refuses mid-run: cleaned here.
     return Problem(id=clean_text(problem_id), problem=clean_text(text.strip()), answer=clean_text(answer),
                    source=label, meta=meta)
 
 
-def _row_id(row: Any, default_id: str) -> str:
+def row_id(row: Any, default_id: str) -> str:
     """The row's own id field (id, unique_id, idx), else its position in its file ("<stem>:<index>")."""
     id_field = next((f for f in ID_FIELDS if row.get(f) is not None), None) if isinstance(row, Mapping) else None
     return str(row[id_field]) if id_field else default_id
@@ -517,10 +517,10 @@ def recipe_selection(
     """
     if recipe is not None and recipe not in RECIPES:
         raise DatasetError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)} or None")
-    raw = _source_rows(str(source), split)
+    raw = source_rows(str(source), split)
     seen_ids: dict[str, str] = {}
     for item in raw:  # every row, selected or not: the selection must not decide whether a duplicate is seen
-        _claim_id(seen_ids, _row_id(item.row, item.default_id), item.where)
+        _claim_id(seen_ids, row_id(item.row, item.default_id), item.where)
     if recipe is None:
         train, held = list(range(len(raw))), []
     elif recipe == "deepscaler":
@@ -542,14 +542,14 @@ def recipe_selection(
     return RecipeSelection(train_problems, held_problems, len(raw), unanswered_train, unanswered_held)
 
 
-class _RawRow(NamedTuple):
+class RawRow(NamedTuple):
     row: Any
     where: str
     default_id: str
     label: str
 
 
-def _source_rows(source: str, split: str) -> list[_RawRow]:
+def source_rows(source: str, split: str) -> list[RawRow]:
     """Every row of a named dataset, a local file or an hf: dataset, in load order, answered or not."""
     if source in DATASETS:
         entry = DATASETS[source]
@@ -582,9 +582,9 @@ def _open_rows(source: str, split: str) -> tuple[Iterator[tuple[int, Any]], Call
     return _file_rows(path), (lambda pos: f"{path} {unit} {pos}"), stem
 
 
-def _source_rows_of(source: str, split: str, *, label: str) -> list[_RawRow]:
+def _source_rows_of(source: str, split: str, *, label: str) -> list[RawRow]:
     rows, where, stem = _open_rows(source, split)
-    out = [_RawRow(row, where(position), f"{stem}:{index}", label) for index, (position, row) in enumerate(rows)]
+    out = [RawRow(row, where(position), f"{stem}:{index}", label) for index, (position, row) in enumerate(rows)]
     if not out:
         raise DatasetError(f"dataset {source} has no rows")
     return out
@@ -598,7 +598,7 @@ def _raw_answer(row: Any) -> Any:
     return row[field_name] if field_name else None
 
 
-def _raw_difficulty(raw: _RawRow) -> float:
+def _raw_difficulty(raw: RawRow) -> float:
     value = raw.row.get("difficulty", 0) if isinstance(raw.row, Mapping) else 0
     if value is None or isinstance(value, bool):
         raise DatasetError(f"{raw.where}: field 'difficulty' must be a number, got {value!r}")
@@ -608,7 +608,7 @@ def _raw_difficulty(raw: _RawRow) -> float:
         raise DatasetError(f"{raw.where}: field 'difficulty' is not numeric: {value!r}") from None
 
 
-def _raw_to_problems(raw: Sequence[_RawRow], positions: Iterable[int]) -> tuple[list[Problem], int]:
+def _raw_to_problems(raw: Sequence[RawRow], positions: Iterable[int]) -> tuple[list[Problem], int]:
     """The selected rows as Problems, and how many were dropped for a null/empty answer (logged)."""
     problems, skipped = [], []
     for position in positions:
