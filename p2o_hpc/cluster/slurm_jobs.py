@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Optional
 
 import submitit
@@ -142,6 +143,46 @@ def submit_gepa_service(cfg: RunConfig, run_dir: RunDir) -> submitit.Job:
         slurm_partition=resources.partition or cfg.cluster.partition,
     )
     return executor.submit(GEPAServiceTask(str(run_dir.path)))
+
+
+class EvalTask(submitit.helpers.Checkpointable):
+    """`python -m p2o_hpc.eval … cluster=slurm` as a job. Checkpointable: at its walltime it is requeued as is and
+    resumes from the per-problem records."""
+
+    def __init__(self, cfg_dict: dict, models: list):
+        self.cfg_dict, self.models = cfg_dict, models
+
+    def __call__(self) -> dict[str, str]:
+        from rich.console import Console
+
+        from p2o_hpc.evaluation.config import to_eval_config
+        from p2o_hpc.evaluation.table1 import run_eval
+
+        paths = run_eval(to_eval_config(self.cfg_dict), self.models, console=Console())
+        return {kind: str(path) for kind, path in paths.items()}
+
+
+def submit_eval(cfg, models: list) -> submitit.Job:
+    """One eval job (1 node, 1 task, eval job.gpus GPUs; vLLM's TP = those GPUs) with the learner's cluster.*
+    parameters; its submitit files under the eval's output dir. `cfg`: an evaluation.config.EvalConfig."""
+    from dataclasses import replace
+
+    from omegaconf import OmegaConf
+
+    cluster, job = cfg.cluster, cfg.job
+    output_dir = RunDir(Path(cfg.output_dir).resolve())
+    executor = _executor(output_dir, RunConfig(cluster=cluster), name=f"p2o-eval:{output_dir.name}")
+    executor.update_parameters(
+        nodes=1,
+        tasks_per_node=1,
+        cpus_per_task=job.cpus_per_task or cluster.cpus_per_task,
+        gpus_per_node=job.gpus if cluster.gpus and job.gpus else None,
+        mem_gb=job.mem_gb or cluster.mem_gb,
+        timeout_min=job.time_min or cluster.time_min,
+    )
+    job_cfg = replace(cfg, output_dir=str(output_dir.path),
+                      tensor_parallel_size=cfg.tensor_parallel_size or (job.gpus if cluster.gpus else 1))
+    return executor.submit(EvalTask(OmegaConf.to_container(OmegaConf.structured(job_cfg)), models))
 
 
 def needs_gepa_service(cfg: RunConfig) -> bool:
