@@ -8,9 +8,8 @@ transformers must reproduce those logits (fp32) and vLLM must load and run the e
 from __future__ import annotations
 
 import json
+import runpy
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,8 @@ from transformers import AutoModelForCausalLM
 from p2o_hpc.config import RunConfig
 from p2o_hpc.megatron.checkpoint_to_hf import (EXPORT_MARKER, CheckpointConversionError, convert_checkpoint,
                                                run_checkpoints)
-from p2o_hpc.megatron.distributed import launch_local
 from p2o_hpc.megatron.conversion_check import hf_reference
+from p2o_hpc.megatron.distributed import launch_local
 from p2o_hpc.run_dir import RunDir
 from p2o_hpc.tiny_model import build_tiny_model
 from tests import mp_workers
@@ -133,20 +132,18 @@ def test_a_checkpoint_of_another_base_model_is_refused(trained, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_cli_converts_the_latest_checkpoint_of_a_run_dir_with_its_base_model(trained, tiny_model_dir, tmp_path):
+def test_cli_converts_the_latest_checkpoint_of_a_run_dir_with_its_base_model(trained, tiny_model_dir, tmp_path, capsys):
     run = RunDir(tmp_path / "run")
     cfg = RunConfig()
     cfg.model.path = str(tiny_model_dir)
     run.write_config(cfg, overrides=[])
     shutil.copytree(trained["pp2"] / "checkpoints", run.checkpoints)
     shutil.copytree(run.checkpoints / "step_2", run.checkpoints / ".step_3.tmp")  # an interrupted later save
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), "--run", str(run.path)],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert f"hf_dir={run.path / 'hf' / 'step_2'} parameters=" in result.stdout and "mb_per_s=" in result.stdout
-    assert json.loads((run.path / "hf" / "step_2" / EXPORT_MARKER).read_text())["base_model"] == str(tiny_model_dir)
+    cli = runpy.run_path(str(REPO / "tools" / "convert_to_hf.py"))  # its main(), in this process
+    assert cli["main"](["--run", str(run.path)]) == 0
+    out = capsys.readouterr().out
+    assert f"hf_dir={run.hf_export(2)} parameters=" in out and "mb_per_s=" in out
+    assert json.loads((run.hf_export(2) / EXPORT_MARKER).read_text())["base_model"] == str(tiny_model_dir)
 
-    refused = subprocess.run([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), str(tmp_path / "nowhere")],
-                             capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert refused.returncode == 1 and "no such checkpoint folder" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    assert cli["main"]([str(tmp_path / "nowhere")]) == 1
+    assert "no such checkpoint folder" in capsys.readouterr().err
