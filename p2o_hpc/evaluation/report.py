@@ -59,7 +59,7 @@ def collect(output_dir: str | Path) -> list[Row]:
         info = json.loads(info_path.read_text())
         row = Row(label=info_path.parent.name, model=str(info.get("path", "")), created=float(info.get("created", 0)))
         for name in BENCHMARKS:
-            records = read_records(info_path.parent / f"{name}.jsonl")
+            records = read_records(info_path.parent / f"{name}.jsonl", repair=False)  # an eval may be appending
             if records:
                 row.cells[name] = Cell(score=100.0 * sum(r["score"] for r in records) / len(records),
                                        problems=len(records), size=int(records[0].get("benchmark_size", len(records))),

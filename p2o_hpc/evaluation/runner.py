@@ -159,9 +159,11 @@ def prompt_settings(model: EvalModel, style: PromptStyle) -> PromptSettings:
 # ------------------------------------------------------------------------------------------------ records
 
 
-def read_records(path: Path) -> list[dict]:
+def read_records(path: Path, *, repair: bool = True) -> list[dict]:
     """The complete records of a JSONL file. A last line that does not parse (the eval was killed while appending
-    it) is dropped and cut from the file; a bad line before it is an error naming the file and line."""
+    it) is dropped, and with `repair` (the eval about to append, the file's one writer) cut from the file; a
+    reader beside a running eval (the report) leaves the file alone. A bad line before the last is an error
+    naming the file and line."""
     if not path.is_file():
         return []
     data = path.read_bytes()
@@ -182,7 +184,7 @@ def read_records(path: Path) -> list[dict]:
             records.append(record)
             good_end = min(end, len(data))
         position = end
-    if good_end < len(data) or (data and not data.endswith(b"\n")):
+    if repair and (good_end < len(data) or (data and not data.endswith(b"\n"))):
         with path.open("r+b") as handle:
             handle.truncate(good_end)
             if good_end and not data[:good_end].endswith(b"\n"):
