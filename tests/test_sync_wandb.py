@@ -171,3 +171,9 @@ def test_online_uploads_exactly_the_rebuilt_folder(monkeypatch, capsys, tmp_path
     assert "env" not in calls[0][1]  # wandb reads the key from the environment it inherits
     out = capsys.readouterr()
     assert "secret-key-123" not in out.out + out.err
+
+
+def test_a_folder_that_is_no_run_dir_is_refused_in_one_line(tmp_path):
+    result = sync(tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{tmp_path}: not a run dir with metrics" in result.stderr

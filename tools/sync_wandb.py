@@ -127,12 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", help="wandb project (default: the run's logging.wandb.project)")
     parser.add_argument("--entity", help="wandb entity (default: the run's logging.wandb.entity)")
     args = parser.parse_args(argv)
-    offline = [rebuild(RunDir(path), project=args.project, entity=args.entity) for path in args.run_dirs]
-    for folder in offline:
-        if args.online:
-            upload(folder)
-        else:
-            print(f"wandb sync {folder}")
+    try:
+        offline = [rebuild(RunDir(path), project=args.project, entity=args.entity) for path in args.run_dirs]
+        for folder in offline:
+            if args.online:
+                upload(folder)
+            else:
+                print(f"wandb sync {folder}")
+    except (FileNotFoundError, ValueError) as error:  # not a run dir, nothing logged yet: one line, no traceback
+        print(f"sync_wandb: {error}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as error:
+        print(f"sync_wandb: `wandb sync` exited with status {error.returncode}", file=sys.stderr)
+        return 1
     return 0
 
 
