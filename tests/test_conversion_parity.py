@@ -1,7 +1,6 @@
 """Megatron at TP1/TP2/PP2/TP2×PP2 equals transformers; the classic conversion bugs are caught."""
 
-import subprocess
-import sys
+import runpy
 
 import pytest
 
@@ -19,23 +18,20 @@ def test_megatron_matches_hf(tiny_model_dir, tmp_path, tp, pp):
     assert diffs["max_abs_logprob_diff"] <= TOLERANCE, diffs
 
 
-def test_check_conversion_cli_passes_at_tp1(tiny_model_dir):
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "check_conversion.py"), "--tp", "1", "--model", str(tiny_model_dir)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "max_abs_logit_diff=" in result.stdout and "max_abs_logprob_diff=" in result.stdout
+def check_conversion(*argv: str) -> int:
+    """tools/check_conversion.py's main() in this process (its ranks are spawned either way)."""
+    return runpy.run_path(str(REPO_ROOT / "tools" / "check_conversion.py"))["main"](list(argv))
 
 
-def test_check_conversion_cli_fails_on_naive_qkv_concat(tiny_model_dir):
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "check_conversion.py"), "--tp", "2", "--model", str(tiny_model_dir),
-         "--negative-control", "naive_qkv"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 1, result.stdout + result.stderr
-    logit_diff = float(result.stdout.split("max_abs_logit_diff=")[1].split()[0])
+def test_check_conversion_cli_passes_at_tp1(tiny_model_dir, capsys):
+    assert check_conversion("--tp", "1", "--model", str(tiny_model_dir)) == 0
+    out = capsys.readouterr().out
+    assert "max_abs_logit_diff=" in out and "max_abs_logprob_diff=" in out and "conversion_check=PASS" in out
+
+
+def test_check_conversion_cli_fails_on_naive_qkv_concat(tiny_model_dir, capsys):
+    assert check_conversion("--tp", "2", "--model", str(tiny_model_dir), "--negative-control", "naive_qkv") == 1
+    logit_diff = float(capsys.readouterr().out.split("max_abs_logit_diff=")[1].split()[0])
     assert logit_diff > 0.1
 
 

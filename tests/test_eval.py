@@ -193,6 +193,26 @@ def test_report_has_every_column_and_one_row_per_model(evaluated):
 
 
 @pytest.mark.vllm
+def test_vllm_on_the_converted_checkpoint_generates_what_transformers_does(evaluated):
+    """The grpo rows come from vLLM serving the eval's own export of the run's checkpoint: its greedy (MATH500)
+    responses equal transformers' greedy decoding of the same prompts on that export (test_convert_to_hf checks that
+    transformers on an export computes the learner's logits)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, out, _ = evaluated
+    info = json.loads((out / "grpo" / "model.json").read_text())
+    export = Path(info["run_dir"]) / "hf" / f"step_{info['step']}"
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    for record in read_records(out / "grpo" / "math500.jsonl"):
+        ids = tokenizer(record["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            greedy = model.generate(ids, max_new_tokens=cfg.max_tokens, do_sample=False)[0, ids.shape[1]:]
+        assert record["responses"] == [tokenizer.decode(greedy, skip_special_tokens=True)]
+
+
+@pytest.mark.vllm
 def test_a_second_call_generates_nothing_and_a_torn_line_is_dropped(evaluated, monkeypatch):
     from p2o_hpc.evaluation.table1 import run_eval
     from p2o_hpc.rollout import generator_process

@@ -50,7 +50,10 @@ def sanity_overrides(data: Path, steps: int) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("parallel", [pytest.param("tp2", marks=pytest.mark.long), "pp2"])
+# Both layouts are in the long tier: the default tier launches experiment=smoke at PP=2 with algorithm=p2o
+# (test_p2o_loop), which runs this GRPO loop and more.
+@pytest.mark.long
+@pytest.mark.parametrize("parallel", ["tp2", "pp2"])
 def test_smoke_experiment(tmp_path, parallel):
     run_dir = tmp_path / "run"
     launch(run_dir, "experiment=smoke", f"parallel={parallel}")
