@@ -189,10 +189,11 @@ def _megatron_tensors(checkpoint: Path, metadata, arch: HFArchitecture) -> Itera
             yield f"{_LAYER_KEY}{layer}.{key[len(_LAYER_KEY):]}", region[0]
 
 
-def hf_tensors(checkpoint: str | Path, arch: HFArchitecture) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of every exported parameter of a complete checkpoint, streamed."""
+def hf_tensors(checkpoint: str | Path, arch: HFArchitecture, metadata=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of every exported parameter of a complete checkpoint, streamed (`metadata`: its DCP
+    metadata when the caller has read it already)."""
     checkpoint = Path(checkpoint)
-    metadata = _checkpoint_metadata(checkpoint)
+    metadata = metadata or _checkpoint_metadata(checkpoint)
     for name, tensor in _megatron_tensors(checkpoint, metadata, arch):
         try:
             mapping = mapping_for(name, arch)
@@ -362,7 +363,7 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = None
             shard, shard_bytes = {}, 0
 
         total = len(base)
-        for name, tensor in hf_tensors(checkpoint, arch):
+        for name, tensor in hf_tensors(checkpoint, arch, metadata):
             if name in written:
                 raise CheckpointConversionError(f"{checkpoint}: {name} produced twice")
             tensor = tensor.to(target).contiguous()
