@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,6 @@ from p2o_hpc.run_dir import RunDir
 # problem as the user turn.
 QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 MODEL_INFO = "model.json"
-_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 class EvalError(ValueError):
@@ -79,7 +77,8 @@ def _resolve_spec(spec: str, all_checkpoints: bool) -> list[EvalModel]:
         raise EvalError(f"models: label {label!r} must be a folder name (no '/', not '.' or '..')")
     folder = Path(path).expanduser()
     if folder.is_dir() and not (folder / "config.json").is_file():
-        from p2o_hpc.megatron.checkpoint_to_hf import COMPLETE_MARKER, run_checkpoints  # imports megatron: only here
+        from p2o_hpc.megatron.checkpoint_to_hf import (  # imports megatron: only here
+            COMPLETE_MARKER, checkpoint_step, run_checkpoints)
         if (folder / "config.yaml").is_file() and not (folder / COMPLETE_MARKER).exists():  # a run dir
             checkpoints = run_checkpoints(folder)
             if not checkpoints:
@@ -89,7 +88,7 @@ def _resolve_spec(spec: str, all_checkpoints: bool) -> list[EvalModel]:
             if label and len(chosen) > 1:
                 return [_checkpoint_model(f"{label}@{c.name}", spec, c) for c in chosen]
             return [_checkpoint_model(label or None, spec, c) for c in chosen]
-        if _STEP_DIR.fullmatch(folder.name):
+        if checkpoint_step(folder) is not None:
             if not (folder / COMPLETE_MARKER).exists():
                 raise EvalError(f"models: checkpoint {folder} is not complete (no {COMPLETE_MARKER} marker: still being "
                                 "written, or its job was killed)")
@@ -126,9 +125,11 @@ def _default_label(path: str, model_dir: str) -> str:
 
 
 def _checkpoint_model(label: str | None, spec: str, checkpoint: Path) -> EvalModel:
+    from p2o_hpc.megatron.checkpointing import checkpoint_step
+
     checkpoint = checkpoint.resolve()
     run_dir = checkpoint.parent.parent
-    step = int(_STEP_DIR.fullmatch(checkpoint.name).group(1))
+    step = checkpoint_step(checkpoint)
     return EvalModel(label=label or f"{run_dir.name}@{checkpoint.name}", spec=spec, kind="checkpoint",
                      path=str(checkpoint), run_dir=str(run_dir), step=step)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 import warnings
@@ -30,7 +29,8 @@ from typing import Iterator
 
 import torch
 
-from p2o_hpc.megatron.checkpointing import COMPLETE_MARKER, complete_checkpoints
+from p2o_hpc.megatron.checkpointing import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
+from p2o_hpc.megatron.hf_weights import SafetensorsFolder, copy_model_files
 from p2o_hpc.megatron.model_provider import HFArchitecture, read_hf_architecture
 from p2o_hpc.megatron.weight_mapping import is_exported, mapping_for, merge_shards
 
@@ -39,7 +39,6 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' save_pretrained default (
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _LAYER_KEY = "decoder.layers."
 
 
@@ -74,10 +73,10 @@ def default_out_dir(checkpoint: str | Path) -> Path:
     from p2o_hpc.run_dir import RunDir
 
     checkpoint = Path(checkpoint).resolve()
-    match = _STEP_DIR.match(checkpoint.name)
-    if not match:
+    step = checkpoint_step(checkpoint)
+    if step is None:
         raise CheckpointConversionError(f"{checkpoint}: not a checkpoints/step_<N> folder; give an out dir")
-    return RunDir(checkpoint.parent.parent).hf_export(int(match.group(1)))
+    return RunDir(checkpoint.parent.parent).hf_export(step)
 
 
 def base_model_of(checkpoint: str | Path) -> str:
@@ -215,21 +214,12 @@ def hf_tensors(checkpoint: str | Path, arch: HFArchitecture, metadata=None) -> I
 
 def _base_weights(base_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """HF name → (shape, dtype) of the base model, from the safetensors headers (no tensor is read)."""
-    from safetensors import safe_open
-
-    index = base_dir / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-             else ["model.safetensors"])
-    found = {}
-    for file_name in files:
-        path = base_dir / file_name
-        if not path.is_file():
-            raise CheckpointConversionError(f"base model {base_dir}: {file_name} missing")
-        with safe_open(path, framework="pt") as handle:
-            for name in handle.keys():
-                view = handle.get_slice(name)
-                found[name] = (tuple(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()])
-    return found
+    try:
+        with SafetensorsFolder(base_dir) as folder:
+            return {name: (shape, _SAFETENSORS_DTYPES[dtype])
+                    for name, (shape, dtype) in ((name, folder.header(name)) for name in folder.weight_map)}
+    except FileNotFoundError as error:  # no weights file, or one the index names is missing
+        raise CheckpointConversionError(f"base model {base_dir}: {error}") from None
 
 
 def _config_dtype(base_dir: Path) -> torch.dtype | None:
@@ -240,10 +230,7 @@ def _config_dtype(base_dir: Path) -> torch.dtype | None:
 
 def _copy_model_files(base_dir: Path, staging: Path, dtype: torch.dtype) -> None:
     """config, generation config, tokenizer and chat template of the base model; config.json's dtype set to ours."""
-    for item in base_dir.iterdir():
-        if item.is_file() and not item.name.endswith(".safetensors") and item.name not in (
-                "model.safetensors.index.json", EXPORT_MARKER):
-            shutil.copy2(item, staging / item.name)
+    copy_model_files(base_dir, staging)
     config_path = staging / "config.json"
     config = json.loads(config_path.read_text())
     dtype_name = str(dtype).replace("torch.", "")
@@ -388,9 +375,8 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = None
         (staging / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
         _copy_model_files(base_dir, staging, target)
-        match = _STEP_DIR.match(checkpoint.name)
         (staging / EXPORT_MARKER).write_text(json.dumps({
-            "checkpoint": str(checkpoint), "step": int(match.group(1)) if match else None,
+            "checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint),
             "base_model": str(base_dir), "dtype": str(target).replace("torch.", ""), "parameters": parameters,
             "bytes": total_bytes}, indent=1) + "\n")
         shutil.rmtree(out_dir, ignore_errors=True)

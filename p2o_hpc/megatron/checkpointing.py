@@ -91,6 +91,12 @@ def save_checkpoint(learner: Learner, root: str | Path, *, rank_state: dict | No
     return final
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """N of a ``step_<N>`` checkpoint folder; None for any other name."""
+    match = _STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def complete_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under root, oldest first; incomplete or temporary folders are ignored."""
     root = Path(root)
@@ -98,9 +104,9 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
         return []
     steps = []
     for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and (path / COMPLETE_MARKER).exists():
-            steps.append((int(match.group(1)), path))
+        step = checkpoint_step(path)
+        if step is not None and (path / COMPLETE_MARKER).exists():
+            steps.append((step, path))
     return [path for _, path in sorted(steps)]
 
 

@@ -69,6 +69,11 @@ class SafetensorsFolder:
     def tensor(self, hf_name: str) -> torch.Tensor:
         return self._handle(hf_name).get_tensor(hf_name)
 
+    def header(self, hf_name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype name such as "BF16") from the file header; no tensor data is read."""
+        view = self._handle(hf_name).get_slice(hf_name)
+        return tuple(view.get_shape()), view.get_dtype()
+
     def dim_slice(self, hf_name: str, dim: int, part: int, parts: int) -> torch.Tensor:
         """Only rows (dim 0) or columns (dim 1) `part` of `parts` are read from disk."""
         view = self._handle(hf_name).get_slice(hf_name)
@@ -176,6 +181,17 @@ def export_hf_weights(model, arch: HFArchitecture, bucket_bytes: int = DEFAULT_B
         yield bucket
 
 
+def copy_model_files(source_dir: str | Path, dest: str | Path) -> None:
+    """Everything of an HF folder but its weights (config, generation config, tokenizer, chat template, …), for a
+    folder whose weights are written anew; an export's COMPLETE marker is not carried over either."""
+    import shutil
+
+    for item in Path(source_dir).iterdir():
+        if item.is_file() and not item.name.endswith(".safetensors") and item.name not in (
+                "model.safetensors.index.json", "COMPLETE"):
+            shutil.copy2(item, Path(dest) / item.name)
+
+
 def save_hf_folder(model, arch: HFArchitecture, source_dir: str | Path, out_dir: str | Path, *, write: bool,
                    bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Path:
     """The learner's current weights as a Hugging Face folder (config, tokenizer and chat template copied from
@@ -201,9 +217,7 @@ def save_hf_folder(model, arch: HFArchitecture, source_dir: str | Path, out_dir:
             (staging / file_name).chmod(0o644)  # safetensors writes 0600; other users' jobs read these folders
             weight_map.update({name: file_name for name, _ in bucket})
     if write:
-        for item in Path(source_dir).iterdir():
-            if item.is_file() and not item.name.endswith(".safetensors") and item.name != "model.safetensors.index.json":
-                shutil.copy2(item, staging / item.name)
+        copy_model_files(source_dir, staging)
         (staging / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
         shutil.rmtree(out_dir, ignore_errors=True)
