@@ -378,6 +378,9 @@ class ClusterConfig:
 @dataclass
 class TrainerConfig:
     seed: int = 1234
+    # The interface NCCL and gloo bind their sockets to (NCCL_/GLOO_SOCKET_IFNAME), e.g. "ib0"; null → the one each
+    # node reaches the rendezvous host through. An exported NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME wins.
+    network_interface: Optional[str] = None
     save_every: int = 50  # steps; checkpoints also at every epoch end
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the run dir's latest complete checkpoint
@@ -395,6 +398,10 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # One operation of the control group (gloo): the rollouts' gather waits for the slowest engine host's
+    # generation, an inline GEPA round (gepa.mode=inline) for rank 0's whole round. Waits for the GEPA service are
+    # polled (one broadcast per gepa.poll_s) and never reach it. null → 24 h.
+    control_timeout_s: Optional[float] = None
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)

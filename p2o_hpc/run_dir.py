@@ -312,10 +312,23 @@ class RunDir:
         """Learner: until epoch `epoch`'s DONE (True). False when no live service held the service lease for
         `service_lost_s` (killed and not restarted in time, or never started): the round is marked SKIPPED and the
         learner goes on without it. A failed service or the timeout stops the run with the cause."""
+        wait = self.template_wait(epoch, timeout_s=timeout_s, service_lost_s=service_lost_s)
+        while (settled := wait()) is None:
+            time.sleep(poll_s)
+        return settled
+
+    def template_wait(self, epoch: int, *, timeout_s: float, service_lost_s: float):
+        """One look per call at the round of epoch `epoch`, for a caller that polls (the learner's ranks wait
+        together, one short collective per look): True once DONE, False once given up (SKIPPED, as in
+        wait_for_templates), None while the service works; raises on a failed service or after `timeout_s`."""
         lease = self.service_lease()
         deadline = time.monotonic() + timeout_s
         last_alive = time.monotonic()
-        while not self.done(epoch):
+
+        def look() -> bool | None:
+            nonlocal last_alive
+            if self.done(epoch):
+                return True
             failure = self.service_failure()
             if failure is not None:
                 raise GEPAServiceFailed(f"the GEPA service failed ({self.service_failure_file}): {failure}")
@@ -330,5 +343,6 @@ class RunDir:
             if now > deadline:
                 raise TimeoutError(f"no {self.epoch(epoch) / 'DONE'} after gepa.wait_timeout_s={timeout_s}: "
                                    "is the GEPA service running?")
-            time.sleep(poll_s)
-        return True
+            return None
+
+        return look

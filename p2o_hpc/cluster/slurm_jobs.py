@@ -30,18 +30,20 @@ class SlurmLearnerTask(submitit.helpers.Checkpointable):
         self.cfg_dict, self.run_dir, self.model_dir = cfg_dict, run_dir, model_dir
 
     def __call__(self) -> dict:
-        from p2o_hpc.megatron.distributed import shutdown
+        from p2o_hpc.megatron.distributed import pin_socket_interface, shutdown
         from p2o_hpc.trainer.driver import run_worker
 
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         job = submitit.JobEnvironment()
+        cluster = self.cfg_dict["cluster"]
+        interface = pin_socket_interface(cluster.get("network_interface"), env.master_addr)
         print(f"[p2o] rank {env.rank}/{env.world_size} (local {env.local_rank}) on {socket.gethostname()}, "
-              f"rendezvous {env.master_addr}:{env.master_port}, job {job.job_id}", flush=True)
+              f"rendezvous {env.master_addr}:{env.master_port} via {interface or 'the default interface'}, "
+              f"job {job.job_id}", flush=True)
         left = slurm_time_left_s(job.job_id)
         if left is not None:
             os.environ[DEADLINE_ENV] = str(time.time() + left)
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's handler: dumps checkpoint(), requeues, counts timeouts
-        cluster = self.cfg_dict["cluster"]
         abandon_after = cluster["abandon_after_s"]
         if abandon_after is None:
             abandon_after = max(10.0, cluster["signal_delay_s"] - 30.0)

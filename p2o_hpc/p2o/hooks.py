@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from p2o_hpc.algo.context_distillation import micro_batch_cd_weights
 from p2o_hpc.algo.hooks import AlgorithmHooks, LogprobFn, Policy
 from p2o_hpc.algo.rollout_batch import PAD_ID, generation_micro_batch
+from p2o_hpc.megatron.distributed import control_group
 from p2o_hpc.p2o.template_exchange import TemplateExchange
 from p2o_hpc.records import Problem, StepBatch
 from p2o_hpc.run_dir import RunDir
@@ -77,7 +78,7 @@ class P2OHooks(AlgorithmHooks):
                 mine = [float((weight < 1).sum()), float(ratio.numel()), float(ratio.sum()), float(ratio.min()),
                         float(ratio.max())]
         parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, mine)
+        dist.all_gather_object(parts, mine, group=control_group())
         parts = [part for part in parts if part is not None]
         if not parts:
             return {}

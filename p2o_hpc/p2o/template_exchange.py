@@ -3,7 +3,8 @@
 At the end of epoch t the hard set is on disk; this hands GEPA the policy (service: a HF folder + READY; inline:
 the learner's own engine), waits for ``templates.json`` + ``DONE`` (blocking) or lets epoch t+1 start with the
 prompts that need no template (overlap), and holds the assignments the next epoch's rollouts use. Every method
-that talks to the other ranks is called by all of them at the same point of the loop.
+that talks to the other ranks is called by all of them at the same point of the loop, over the control group (gloo):
+a wait for the service is polled together (`wait_together`), so no collective waits on GEPA.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 import torch.distributed as dist
 
 from p2o_hpc.algo.hooks import Policy
+from p2o_hpc.megatron.distributed import control_group, wait_together
 from p2o_hpc.run_dir import RunDir
 
 
@@ -64,15 +66,13 @@ class TemplateExchange:
             return {}
         epoch = self.awaiting
         needs = any(problem.id in set(self.deferred_ids) for problem in loader.peek_batch())
-        verdict = [None]
-        if self.rank == 0:
-            started = time.perf_counter()
-            if needs:
-                self._wait(epoch)
-            verdict[0] = (self._settled(epoch), time.perf_counter() - started)
-        dist.broadcast_object_list(verdict, src=0)
-        settled, idle = verdict[0]
-        metrics = {"p2o/learner_idle_s": idle} if needs else {}
+        started = time.perf_counter()
+        if needs:
+            self._wait(epoch)
+            settled = True
+        else:
+            settled = wait_together(lambda: self._settled(epoch), self.cfg.gepa.poll_s)
+        metrics = {"p2o/learner_idle_s": time.perf_counter() - started} if needs else {}
         if settled:
             metrics.update(self._take(epoch, loader))
             self.awaiting = None
@@ -98,18 +98,18 @@ class TemplateExchange:
             self._hand_over(epoch, policy)
             if self.rank == 0:
                 self.console.print(f"epoch {epoch}: waiting for the GEPA service's templates")
-                self._wait(epoch)
+            self._wait(epoch)
         else:
             policy.sync_engine()  # the engine must hold the policy the epoch ended with
             if self.rank == 0:
                 self._inline_round(epoch, policy.engine)
-        dist.barrier()
+            dist.barrier(group=control_group())  # the round's length: trainer.control_timeout_s bounds it
 
     def _hand_over(self, epoch: int, policy: Policy) -> None:
         """Collective: the epoch's policy as a HF folder next to its hard set, then READY for the service. Once
         READY exists the folder is the service's to read: a repeated hand-over leaves it alone."""
         ready = [self.run_dir.ready(epoch)]
-        dist.broadcast_object_list(ready, src=0)
+        dist.broadcast_object_list(ready, src=0, group=control_group())
         if ready[0]:
             return
         policy.export_hf(self.run_dir.policy(epoch))
@@ -117,11 +117,13 @@ class TemplateExchange:
             self.run_dir.mark_ready(epoch)
 
     def _wait(self, epoch: int) -> None:
-        """Rank 0: until DONE, or until the round is given up because no live service held its lease for
-        gepa.service_lost_s; a failed service or gepa.wait_timeout_s stops the run with the cause."""
+        """Collective: until DONE, or until the round is given up because no live service held its lease for
+        gepa.service_lost_s; a failed service or gepa.wait_timeout_s stops the run with the cause (on every rank).
+        Rank 0 looks every gepa.poll_s and tells the others after each look."""
         gepa = self.cfg.gepa
-        if not self.run_dir.wait_for_templates(epoch, timeout_s=gepa.wait_timeout_s, poll_s=gepa.poll_s,
-                                               service_lost_s=gepa.service_lost_s):
+        look = (self.run_dir.template_wait(epoch, timeout_s=gepa.wait_timeout_s, service_lost_s=gepa.service_lost_s)
+                if self.rank == 0 else None)
+        if not wait_together(look, gepa.poll_s) and self.rank == 0:
             self.console.print(f"[yellow]warning:[/yellow] epoch {epoch}: no live GEPA service for "
                                f"gepa.service_lost_s={gepa.service_lost_s:g} s: the round is skipped, the next "
                                "epoch runs on plain prompts")
@@ -140,7 +142,7 @@ class TemplateExchange:
         if self.rank == 0:
             assignments, metrics = self._read_round(epoch, loader.problem_ids)
             box[0] = assignments, metrics, self.run_dir.best_template(epoch) if assignments else None
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=control_group())
         self.assignments, metrics, self.best_template = box[0]
         return metrics
 

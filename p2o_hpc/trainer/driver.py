@@ -33,7 +33,7 @@ from p2o_hpc.algo.hard_mining import HardSampleMiner
 from p2o_hpc.config import RunConfig, to_run_config
 from p2o_hpc.data import PromptLoader, training_problems
 from p2o_hpc.megatron.checkpointing import latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
-from p2o_hpc.megatron.distributed import init_megatron
+from p2o_hpc.megatron.distributed import control_group, init_megatron
 from p2o_hpc.records import StepBatch
 from p2o_hpc.run_dir import RunDir
 from p2o_hpc.trainer.hooks import algorithm_hooks
@@ -60,7 +60,8 @@ class GRPODriver:
         self.cfg, self.run_dir, algo = cfg, run_dir, cfg.algorithm
         self.stop_signal = StopSignal().install()  # first: every helper process inherits its signal mask
         init_megatron(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.trainer.seed,
-                      timeout_s=cfg.trainer.collective_timeout_s, init_timeout_s=cfg.parallel.init_timeout_s)
+                      timeout_s=cfg.trainer.collective_timeout_s, init_timeout_s=cfg.parallel.init_timeout_s,
+                      control_timeout_s=cfg.trainer.control_timeout_s or 24 * 3600.0)
         self.rank = dist.get_rank()
         # Two jobs never train into one run dir; a requeued job waits out its dead predecessor's heartbeat.
         self.lease = run_dir.learner_lease().acquire(wait_s=90.0) if self.rank == 0 else None
@@ -85,7 +86,7 @@ class GRPODriver:
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             self.placement = rank_placement(local_rank)
             flags = [None] * dist.get_world_size()
-            dist.all_gather_object(flags, local_rank == 0)
+            dist.all_gather_object(flags, local_rank == 0, group=control_group())
             engine = self._start_engine(model_dir) if local_rank == 0 else None
             self.rollouts = RolloutSide(cfg, engine, [rank for rank, host in enumerate(flags) if host], self.hooks,
                                         OffPolicySchedule(algo.one_step_off_policy, self.total_steps))
@@ -100,7 +101,7 @@ class GRPODriver:
                     self.console.print(f"[yellow]warning:[/yellow] {run_dir.metrics}: dropped {torn} torn line(s)")
             if self.validator.enabled:  # a resumed run does not log a validation twice
                 logged = [validated_steps(run_dir.metrics) if self.rank == 0 else None]
-                dist.broadcast_object_list(logged, src=0)
+                dist.broadcast_object_list(logged, src=0, group=control_group())
                 self.validator.logged.update(logged[0])
         except BaseException:
             self.close()  # a half-built driver must not leave its vLLM child behind

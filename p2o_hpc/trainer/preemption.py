@@ -22,6 +22,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from p2o_hpc.megatron.distributed import control_group
+
 DEADLINE_ENV = "P2O_JOB_DEADLINE"  # unix time at which this allocation ends (set by the SLURM learner task)
 
 
@@ -122,11 +124,9 @@ class StopSignal:
         remaining = None if self.deadline is None else self.deadline - time.time()
         early = not self.saved_early and should_checkpoint_early(
             remaining_s=remaining, step_s=step_s, steps_to_next_save=steps_to_next_save, margin_s=margin_s)
-        flags = torch.tensor([int(self.requested), int(early)], dtype=torch.int64)
+        flags = torch.tensor([int(self.requested), int(early)], dtype=torch.int64)  # CPU: the control group is gloo
         if dist.is_initialized():
-            if dist.get_backend() == "nccl":
-                flags = flags.cuda()
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control_group())
         stop, early = bool(flags[0]), bool(flags[1])
         if stop:
             self.reached_boundary()
