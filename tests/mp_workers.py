@@ -98,3 +98,57 @@ def import_export_worker(hf_dir: str, tp: int, pp: int, out_path: str, bucket_by
     model = build_gpt_model(arch, build_transformer_config(arch))
     load_hf_weights(model, hf_dir, arch)
     export_to_file(model, arch, out_path, bucket_bytes)
+
+
+EXPORT_RECEIVERS = (0, 3)  # at TP2/PP2: the first stage's TP rank 0 and the last stage's TP rank 1
+
+
+def device_discipline_worker(hf_dir: str, out_dir: str) -> None:
+    """The learner's hot path at TP2/PP2 under the device check (P2O_DEVICE_CHECK=1 in the environment): rollouts
+    → advantages → micro-batches → old log-probs → P²O CD weights → a policy-loss update → an export to every rank,
+    then one to EXPORT_RECEIVERS only. Writes what it saw to rank<N>.json."""
+    from types import SimpleNamespace
+
+    from p2o_hpc.choices import ParamsDtype
+    from p2o_hpc.config import P2OConfig, RunConfig
+    from p2o_hpc.megatron import device_check
+    from p2o_hpc.p2o.hooks import P2OHooks
+    from p2o_hpc.records import Problem, Rollout, StepBatch
+    from p2o_hpc.trainer.learner_side import LearnerSide
+
+    init_megatron(2, 2)
+    rank = dist.get_rank()
+    cfg = RunConfig()
+    cfg.model.params_dtype = ParamsDtype.fp32
+    cfg.algorithm = AlgorithmConfig(n_samples=2, prompts_per_step=2, mini_batch_prompts=2, micro_batch_size=4,
+                                    lr=1e-3, warmup_ratio=0.0, p2o=P2OConfig(enabled=True))
+    side = LearnerSide(cfg, hf_dir, total_steps=1)
+
+    prompts, template = ([5, 6, 7, 8], [9, 10, 11, 12, 13]), [20, 21, 22]
+    responses = ([30, 31, 32], [33, 34, 35, 36, 37], [38, 39], [40, 41, 42, 43, 44])  # a nonzero first loss
+    rollouts = [Rollout(i // 2, list(prompts[i // 2]), list(responses[i]), None, "stop", "", reward=float(i in (0, 3)))
+                for i in range(4)]
+    rollouts[1].template, rollouts[1].generation_prompt_ids = "hint", template + list(prompts[0])
+    batch = StepBatch([Problem(str(i), "", "", "test") for i in range(2)], epoch=0, epoch_finished=False,
+                      rollouts=rollouts)
+    batch.advantages = side.advantages(batch)
+    mini_batches = side.micro_batches(batch)
+    micro_batches = [mb for mini in mini_batches for mb in mini]
+    places = sorted({str(device_check.placement(t)) for mb in micro_batches for t in mb.values()})
+    side.old_logprobs(micro_batches)
+    cd_metrics = P2OHooks.token_weights(SimpleNamespace(distill=True, p2o=cfg.algorithm.p2o), batch, micro_batches,
+                                        side.logprobs)
+    updates = side.update(mini_batches)
+
+    def exported(receive: bool) -> dict[str, torch.Tensor]:
+        return {name: tensor.clone() for bucket in export_hf_weights(side.learner.model, side.arch, 300_000,
+                                                                      receive=receive)
+                for name, tensor in bucket}
+
+    everywhere, some = exported(True), exported(rank in EXPORT_RECEIVERS)
+    result = {"micro_batch_placements": places, "cd_metrics": cd_metrics, "updates": updates,
+              "micro_batches_with_cd_weight": sum("cd_weight" in mb for mb in micro_batches),
+              "exported_everywhere": len(everywhere), "exported_some": sorted(some),
+              "some_equal_everywhere": all(torch.equal(some[name], everywhere[name]) for name in some),
+              "export_placements": sorted({str(device_check.placement(t)) for t in some.values()})}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))

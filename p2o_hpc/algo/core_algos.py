@@ -79,18 +79,24 @@ def get_aggregation(name: LossAgg) -> Callable:
 
 
 def _group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):
-    """Per-sequence mean, unbiased std, and whether the sequence's group is constant (all rewards equal)."""
+    """Per-sequence mean, unbiased std, and whether the sequence's group is constant (all rewards equal), on the
+    rewards' device (host or GPU: whoever calls it need not move them)."""
     rewards = rewards.double()
+    device = rewards.device
     _, inverse = torch.unique(group_ids, return_inverse=True)
+    inverse = inverse.to(device)
     groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    counts = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(rewards))
-    sums = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, rewards)
+    counts = torch.zeros(groups, dtype=torch.float64, device=device).index_add_(0, inverse, torch.ones_like(rewards))
+    sums = torch.zeros(groups, dtype=torch.float64, device=device).index_add_(0, inverse, rewards)
     means = sums / counts
-    squares = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, (rewards - means[inverse]) ** 2)
+    squares = torch.zeros(groups, dtype=torch.float64, device=device).index_add_(0, inverse,
+                                                                                 (rewards - means[inverse]) ** 2)
     # Bessel-corrected like torch.std (verl); a group of one has no spread.
     stds = torch.where(counts > 1, (squares / (counts - 1).clamp(min=1)).sqrt(), torch.zeros_like(squares))
-    lows = torch.full((groups,), float("inf"), dtype=torch.float64).scatter_reduce_(0, inverse, rewards, "amin")
-    highs = torch.full((groups,), float("-inf"), dtype=torch.float64).scatter_reduce_(0, inverse, rewards, "amax")
+    lows = torch.full((groups,), float("inf"), dtype=torch.float64, device=device).scatter_reduce_(
+        0, inverse, rewards, "amin")
+    highs = torch.full((groups,), float("-inf"), dtype=torch.float64, device=device).scatter_reduce_(
+        0, inverse, rewards, "amax")
     return means[inverse], stds[inverse], (lows == highs)[inverse]
 
 

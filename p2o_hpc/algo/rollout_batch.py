@@ -3,6 +3,8 @@
 Rollouts are ordered prompt-major (the K samples of prompt 0, then prompt 1, …). A step's prompts split into
 mini-batches (one optimizer step each); a mini-batch's sequences are dealt to the DP ranks round-robin and cut
 into micro-batches, each right-padded to its own longest sequence (megatron runs with variable sequence lengths).
+Micro-batches are built on the host and moved once to `device`: the learner passes torch.cuda.current_device(),
+where the model, its log-probs and the loss live (NCCL and the GPU kernels take device tensors only).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ def mini_batch_indices(num_prompts: int, n_samples: int, prompts_per_mini_batch:
     return [list(range(start, min(start + per_mini, total))) for start in range(0, total, per_mini)]
 
 
-def collate(rollouts: list[Rollout], indices: list[int], advantages: torch.Tensor, pad_id: int) -> dict:
-    """One right-padded micro-batch. `rollout_index` maps rows back to the step's rollouts."""
+def collate(rollouts: list[Rollout], indices: list[int], advantages: torch.Tensor, pad_id: int,
+            device=None) -> dict:
+    """One right-padded micro-batch on `device` (None: the host). `rollout_index` maps rows back to the step's
+    rollouts."""
     sequences = [rollouts[i].sequence for i in indices]
     length = max(len(sequence) for sequence in sequences)
     input_ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
@@ -42,12 +46,13 @@ def collate(rollouts: list[Rollout], indices: list[int], advantages: torch.Tenso
         prompt_len, total = len(rollout.prompt_ids), len(rollout.sequence)
         input_ids[row, :total] = torch.tensor(rollout.sequence)
         response_mask[row, prompt_len:total] = 1.0
-    return {
+    batch = {
         "input_ids": input_ids,
         "response_mask": response_mask,
         "advantages": advantages[indices].float(),
         "rollout_index": torch.tensor(indices),
     }
+    return batch if device is None else {key: value.to(device) for key, value in batch.items()}
 
 
 def rank_micro_batches(
@@ -59,21 +64,24 @@ def rank_micro_batches(
     dp_size: int,
     micro_batch_size: int,
     pad_id: int,
+    device=None,
 ) -> list[dict]:
-    """This DP rank's micro-batches of one mini-batch (every TP/PP rank of the DP group builds the same ones)."""
+    """This DP rank's micro-batches of one mini-batch on `device` (every TP/PP rank of the DP group builds the same
+    ones)."""
     mine = mini_batch[dp_rank::dp_size]
     if len(mine) % micro_batch_size:
         raise ValueError(
             f"{len(mine)} sequences on DP rank {dp_rank} do not split into micro-batches of {micro_batch_size}"
         )
     return [
-        collate(rollouts, mine[start : start + micro_batch_size], advantages, pad_id)
+        collate(rollouts, mine[start : start + micro_batch_size], advantages, pad_id, device)
         for start in range(0, len(mine), micro_batch_size)
     ]
 
 
 def generation_micro_batch(rollouts: list[Rollout], batch: dict, pad_id: int) -> dict | None:
-    """The same rows as `batch`, on the prompts the generator saw (for log π(y|x̃)); None when none differs."""
+    """The same rows as `batch`, on the prompts the generator saw (for log π(y|x̃)), on `batch`'s device; None when
+    none differs."""
     indices = batch["rollout_index"].tolist()
     if not any(rollouts[i].distilled for i in indices):
         return None
@@ -81,7 +89,7 @@ def generation_micro_batch(rollouts: list[Rollout], batch: dict, pad_id: int) ->
     input_ids = torch.full((len(indices), max(map(len, sequences))), pad_id, dtype=torch.long)
     for row, sequence in enumerate(sequences):
         input_ids[row, : len(sequence)] = torch.tensor(sequence)
-    return {"input_ids": input_ids, "rollout_index": batch["rollout_index"]}
+    return {"input_ids": input_ids.to(batch["input_ids"].device), "rollout_index": batch["rollout_index"]}
 
 
 def response_slice(rollout: Rollout, generation: bool = False) -> slice:

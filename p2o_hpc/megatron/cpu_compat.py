@@ -18,7 +18,12 @@ Each patch and why:
    The module-level ``_get_cuda_rng_state``/``_set_cuda_rng_state`` (used by activation recomputation) and
    ``torch.cuda.manual_seed``/``get_rng_state``/``set_rng_state`` are pointed at the CPU generator: on CPU the
    "device generator" *is* the CPU generator.
-4. Not patched: the torch-AdamW fallback optimizer's distributed-optimizer checkpointing (a shared 0-dim
+4. With ``P2O_DEVICE_CHECK=1``, :mod:`p2o_hpc.megatron.device_check` goes on top: it fails where a GPU run would
+   find a host tensor next to a device tensor, which the rewriting in 1 otherwise hides.
+5. Backward under the device mode (:func:`run_backward_under_device_mode`, switched on by the model provider for
+   sequence parallelism and recomputation, whose backward makes CUDA tensors: torch runs the autograd engine
+   outside the mode otherwise).
+6. Not patched: the torch-AdamW fallback optimizer's distributed-optimizer checkpointing (a shared 0-dim
    ``step``). :func:`p2o_hpc.megatron.training.build_learner` refuses that combination and uses megatron's plain
    (non-distributed) optimizer, which checkpoints and resumes exactly on the fallback.
 
@@ -36,6 +41,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from megatron.core.tensor_parallel import random as mcore_random
+
+from p2o_hpc.megatron import device_check
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +178,31 @@ def enable() -> bool:
     mcore_random.initialize_rng_tracker(force_reset=True)
 
     CpuDeviceMode().__enter__()  # stays pushed for the life of the process
+    if device_check.requested():  # P2O_DEVICE_CHECK=1: spawned ranks inherit it; pushed above CpuDeviceMode
+        device_check.enable()
     _enabled = True
     log.info("megatron-core CPU compat layer enabled (gloo backend, CUDA calls mapped to CPU)")
     return True
+
+
+def run_backward_under_device_mode() -> None:
+    """On CPU, torch hands `torch.autograd.backward`/`grad` to the device mode (:class:`CpuDeviceMode`), which is
+    popped while it handles them, so the backward pass runs without it.
+    Plain training names no CUDA device in backward; sequence parallelism (megatron's linear layers allocate
+    gather buffers there) and recomputation (forward code re-run there) do. So the autograd engine runs under the
+    mode (a fresh one per backward, nested ones included). Idempotent; a no-op on GPU."""
+    import torch.autograd
+
+    run_backward = torch.autograd._engine_run_backward
+    if not is_enabled() or getattr(run_backward, "under_device_mode", False):
+        return
+
+    def run_under_device_mode(*args, **kwargs):
+        with CpuDeviceMode():
+            return run_backward(*args, **kwargs)
+
+    run_under_device_mode.under_device_mode = True
+    torch.autograd._engine_run_backward = run_under_device_mode
 
 
 def is_enabled() -> bool:

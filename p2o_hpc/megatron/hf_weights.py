@@ -3,7 +3,8 @@
 Import streams tensor by tensor (a rank reads only the HF tensors its stage needs, and for plain row/column/vocab
 splits only its own slice), so a multi-GB checkpoint is never materialised whole on one rank. Export yields
 ``(hf_name, full_tensor)`` pairs in size-bounded buckets, gathered over TP and collected over PP, identically on
-every rank: vLLM weight sync and the Megatron→HF export tool both consume it.
+every rank that receives (each rank says whether it does): vLLM weight sync and the Megatron→HF export tool both
+consume it.
 """
 
 from __future__ import annotations
@@ -138,39 +139,55 @@ def _stage_tensors(model, arch: HFArchitecture) -> Iterator[tuple[str, torch.Ten
             yield from zip(mapping.hf_names, _gather_full_tensors(param, mapping, arch))
 
 
-def _all_stage_tensors(model, arch: HFArchitecture) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every stage's tensors in stage order on every rank: the owner stage broadcasts each over its PP group."""
+def _all_stage_tensors(model, arch: HFArchitecture, receive: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every stage's tensors in stage order on the ranks that `receive`, nothing on the others; every rank must
+    drive it to the end (the TP gathers and the PP headers are collective). The owner stage sends each tensor
+    point-to-point to the receiving ranks of its PP group only, so a rank without an engine gets no copy."""
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     if pp_size == 1:
-        yield from _stage_tensors(model, arch)
+        for name, tensor in _stage_tensors(model, arch):
+            if receive:
+                yield name, tensor
         return
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_ranks = dist.get_process_group_ranks(pp_group)
+    receives = [None] * pp_size
+    dist.all_gather_object(receives, receive, group=pp_group)
     for stage in range(pp_size):
+        owner = pp_ranks[stage]
         local = _stage_tensors(model, arch) if stage == pp_rank else None
         while True:
             header = [None]
             if local is not None:
                 item = next(local, None)
                 header = [None if item is None else (item[0], tuple(item[1].shape), item[1].dtype)]
-            dist.broadcast_object_list(header, src=pp_ranks[stage], group=pp_group)
+            dist.broadcast_object_list(header, src=owner, group=pp_group)
             if header[0] is None:
                 break
             name, shape, dtype = header[0]
-            tensor = item[1].contiguous() if local is not None else torch.empty(shape, dtype=dtype)
-            dist.broadcast(tensor, src=pp_ranks[stage], group=pp_group)
-            yield name, tensor
+            if local is not None:
+                tensor = item[1].contiguous()
+                for peer, wants in zip(pp_ranks, receives):
+                    if wants and peer != owner:
+                        dist.send(tensor, dst=peer, group=pp_group)
+            elif receive:
+                tensor = torch.empty(shape, dtype=dtype, device=torch.cuda.current_device())  # NCCL: device only
+                dist.recv(tensor, src=owner, group=pp_group)
+            if receive:
+                yield name, tensor
 
 
-def export_hf_weights(model, arch: HFArchitecture, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Buckets of (hf_name, tensor), each at most `bucket_bytes` unless one tensor alone is larger.
+def export_hf_weights(model, arch: HFArchitecture, bucket_bytes: int = DEFAULT_BUCKET_BYTES, *,
+                      receive: bool = True) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Buckets of (hf_name, tensor), each at most `bucket_bytes` unless one tensor alone is larger, on the ranks
+    that `receive` (per rank: those that hand the weights on, e.g. host an engine); the others get no buckets.
 
     Collective: every rank of the model-parallel group must iterate it to the end, in step.
     """
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
-    for name, tensor in _all_stage_tensors(model, arch):
+    for name, tensor in _all_stage_tensors(model, arch, receive):
         nbytes = tensor.numel() * tensor.element_size()
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
@@ -196,7 +213,8 @@ def save_hf_folder(model, arch: HFArchitecture, source_dir: str | Path, out_dir:
                    bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Path:
     """The learner's current weights as a Hugging Face folder (config, tokenizer and chat template copied from
     `source_dir`), for the GEPA service's engine and for evaluation. Collective, like export_hf_weights; only the
-    rank with `write` writes. The folder appears whole (staged next to it, then renamed) or not at all.
+    rank with `write` receives the weights and writes. The folder appears whole (staged next to it, then renamed)
+    or not at all.
     """
     import json
     import shutil
@@ -209,7 +227,7 @@ def save_hf_folder(model, arch: HFArchitecture, source_dir: str | Path, out_dir:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     weight_map: dict[str, str] = {}
-    for index, bucket in enumerate(export_hf_weights(model, arch, bucket_bytes)):
+    for index, bucket in enumerate(export_hf_weights(model, arch, bucket_bytes, receive=write)):
         if write:
             file_name = f"model-{index:05d}.safetensors"
             save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in bucket},
