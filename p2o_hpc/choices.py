@@ -64,6 +64,12 @@ class CDMask(StrEnum):  # algorithm.p2o.cd_mask; p2o_hpc.algo.context_distillati
     none = auto()
 
 
+class Recompute(StrEnum):  # parallel.recompute; megatron's TransformerConfig.recompute_granularity
+    none = auto()
+    selective = auto()  # core attention only (megatron's default recompute_modules)
+    full = auto()  # whole layers, parallel.recompute_num_layers per checkpoint (recompute_method=uniform)
+
+
 class RolloutBackend(StrEnum):  # rollout.backend
     vllm = auto()
 

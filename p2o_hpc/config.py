@@ -30,6 +30,7 @@ from p2o_hpc.choices import (
     ParentSelection,
     PolicyLoss,
     Recipe,
+    Recompute,
     ReflectionKind,
     RewardName,
     RolloutBackend,
@@ -235,6 +236,19 @@ class ParallelConfig:
     # torch.distributed rendezvous: a peer that has not joined by then fails the job (collectives have their own,
     # longer trainer.collective_timeout_s).
     init_timeout_s: float = 300.0
+    # The learner's memory plan (tools/plan_memory.py estimates it per GPU; docs in README "GPU memory"):
+    # megatron's distributed optimizer: fp32 master weights and Adam state sharded over parallel.data (needs TE/Apex).
+    use_distributed_optimizer: bool = False
+    # megatron's sequence parallelism: norms and residuals sharded over the TP ranks along the sequence (tensor > 1).
+    sequence_parallel: bool = False
+    # Activation recomputation: none | selective (core attention) | full (whole layers, recomputed in backward).
+    recompute: Recompute = Recompute.none
+    recompute_num_layers: int = 1  # recompute=full: layers per checkpointed chunk (megatron's uniform method)
+    grad_reduce_in_fp32: bool = True  # fp32 main_grad buffers and DP reductions; false: in params_dtype (half)
+    # Log-probs (fp32 upcast + vocab-parallel cross entropy) over chunks of this many tokens, each recomputed in
+    # backward, so only the bf16 logits stay for backward; 0: the whole micro-batch at once.
+    logprob_chunk_tokens: int = 0
+    gpu_memory_gb: float = 80.0  # per GPU: the budget plan_memory and preflight compare the estimate with
 
     @property
     def world_size(self) -> int:
@@ -255,9 +269,18 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     enable_sleep_mode: bool = True  # GPU only: release vLLM memory while the learner trains
     weight_sync_bucket_mb: int = 512
+    # vLLM engines per node, each on its host rank's own GPU (hosts: local ranks with
+    # local_rank % (parallel.gpus_per_node / engines_per_node) == 0; the step's prompts are split over them).
+    # null → one per GPU when the ranks see CUDA (the device the learner and vLLM actually run on, whatever
+    # cluster.gpus says), 1 on CPU: a vLLM-CPU engine is a process with its own threads, one per rank would
+    # oversubscribe the cores.
+    engines_per_node: Optional[int] = None
     refit_check_every: int = 10  # steps; 0 disables
     refit_check_sequences: int = 4
-    refit_tolerance: float = 0.05  # max |logprob gap| allowed before the run stops
+    # The refit check's bound on the token multiplicative probability error (NeMo-RL's token_mult_prob_error):
+    # mean over the checked response tokens of exp(|logp_engine − logp_learner|); the run stops above
+    # 1 + refit_tolerance (0.05: a 5 % mean probability error; a max-abs gap would trip on bf16 noise).
+    refit_tolerance: float = 0.05
     sync_weights: bool = True  # debugging only: false leaves the generator on stale weights (the refit check fails)
     seed: int = 0
 
@@ -369,6 +392,9 @@ class ClusterConfig:
     # so the requeue happens before SLURM kills the job; null → signal_delay_s − 30.
     abandon_after_s: Optional[float] = None
     setup: list[str] = field(default_factory=list)  # shell lines before the job: module load, venv, container
+    # The interface NCCL and gloo bind their sockets to (NCCL_/GLOO_SOCKET_IFNAME), e.g. "ib0"; null → the one each
+    # node reaches the rendezvous host through. An exported NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME wins.
+    network_interface: Optional[str] = None
     srun_args: list[str] = field(default_factory=list)  # e.g. ["--container-image=…"] on pyxis sites
     additional_parameters: dict[str, Any] = field(default_factory=dict)  # other sbatch options, e.g. {mail_type: END}
     poll_s: float = 10.0  # how often the launcher polls job states
@@ -378,17 +404,18 @@ class ClusterConfig:
 @dataclass
 class TrainerConfig:
     seed: int = 1234
-    # The interface NCCL and gloo bind their sockets to (NCCL_/GLOO_SOCKET_IFNAME), e.g. "ib0"; null → the one each
-    # node reaches the rendezvous host through. An exported NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME wins.
-    network_interface: Optional[str] = None
     save_every: int = 50  # steps; checkpoints also at every epoch end
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the run dir's latest complete checkpoint
     # End this job after that many steps, with a checkpoint, as if its allocation ran out; relaunching continues
     # the same run (schedule and data order unchanged). For time-limited SLURM jobs and for resume tests.
     stop_after_steps: Optional[int] = None
-    # Generation of a long batch happens while other ranks wait in a collective: the timeout must exceed it.
+    # Megatron's collectives (NCCL on GPU: its watchdog kills the job past this); every rank is in step there.
     collective_timeout_s: float = 3600.0
+    # One operation of the control group (gloo): the rollouts' gather waits for the slowest engine host's
+    # generation, an inline GEPA round (gepa.mode=inline) for rank 0's whole round. Waits for the GEPA service are
+    # polled (one broadcast per gepa.poll_s) and never reach it. null → 24 h.
+    control_timeout_s: Optional[float] = None
 
 
 @dataclass
@@ -398,10 +425,6 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    # One operation of the control group (gloo): the rollouts' gather waits for the slowest engine host's
-    # generation, an inline GEPA round (gepa.mode=inline) for rank 0's whole round. Waits for the GEPA service are
-    # polled (one broadcast per gepa.poll_s) and never reach it. null → 24 h.
-    control_timeout_s: Optional[float] = None
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -480,6 +503,28 @@ def _checks(cfg: RunConfig):
            "algorithm.p2o needs a reflection model: reflection=self or reflection=teacher (or gepa.mode=off; "
            "reflection=edit: offline phrase edits, no LLM)")
     yield from _validation_checks(cfg.validation, cfg.rollout)
+    engines = cfg.rollout.engines_per_node
+    yield (engines is None or (engines >= 1 and parallel.ranks_per_node % engines == 0),
+           f"rollout.engines_per_node={engines} must be ≥ 1 and divide the ranks per node "
+           f"(parallel.gpus_per_node={parallel.ranks_per_node})")
+    yield from _memory_plan_checks(cfg)
+
+
+def _memory_plan_checks(cfg: RunConfig):
+    """parallel.*'s memory keys: what megatron would refuse only after every rank's init."""
+    parallel = cfg.parallel
+    yield (not parallel.sequence_parallel or parallel.tensor > 1,
+           f"parallel.sequence_parallel=true needs parallel.tensor > 1 (it shards over the TP ranks; "
+           f"parallel.tensor={parallel.tensor})")
+    yield (parallel.recompute_num_layers >= 1,
+           f"parallel.recompute_num_layers={parallel.recompute_num_layers} must be ≥ 1")
+    yield (parallel.logprob_chunk_tokens >= 0,
+           f"parallel.logprob_chunk_tokens={parallel.logprob_chunk_tokens} must be ≥ 0 (0 = the whole micro-batch)")
+    yield parallel.gpu_memory_gb > 0, f"parallel.gpu_memory_gb={parallel.gpu_memory_gb} must be > 0"
+    yield (not (parallel.use_distributed_optimizer and cfg.cluster.kind == ClusterKind.slurm and not cfg.cluster.gpus),
+           "parallel.use_distributed_optimizer=true needs GPUs with Transformer-Engine or Apex (FusedAdam); "
+           "cluster.gpus=false runs the learner on CPU, where megatron's torch-AdamW fallback cannot checkpoint "
+           "distributed optimizer state: set parallel.use_distributed_optimizer=false")
 
 
 def _validation_checks(val: ValidationConfig, rollout: RolloutConfig):

@@ -126,7 +126,7 @@ def test_cd_masked_tokens_stay_in_the_token_mean_denominator(monkeypatch):
     from p2o_hpc.config import AlgorithmConfig
 
     # megatron's vocab-parallel log-probs need a process group; at TP1 they are the plain log-softmax.
-    monkeypatch.setattr(policy_loss, "next_token_logprobs", lambda logits, ids, vocab: torch.log_softmax(
+    monkeypatch.setattr(policy_loss, "next_token_logprobs", lambda logits, ids, vocab, chunk_tokens=0: torch.log_softmax(
         logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0])
 
     vocab = 8

@@ -18,7 +18,7 @@ def plain_logprobs(monkeypatch):
     """megatron's vocab-parallel log-probs need a process group; at TP1 they are the plain log-softmax."""
     from p2o_hpc.algo import policy_loss
 
-    monkeypatch.setattr(policy_loss, "next_token_logprobs", lambda logits, ids, vocab: torch.log_softmax(
+    monkeypatch.setattr(policy_loss, "next_token_logprobs", lambda logits, ids, vocab, chunk_tokens=0: torch.log_softmax(
         logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0])
 
 

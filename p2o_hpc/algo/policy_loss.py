@@ -26,7 +26,7 @@ def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["response_mask"][:, 1:].float()
 
 
-def make_policy_loss_fn(vocab_size: int, algo: AlgorithmConfig):
+def make_policy_loss_fn(vocab_size: int, algo: AlgorithmConfig, *, logprob_chunk_tokens: int = 0):
     """A `training.LossFn` for algorithm.* (policy_loss, clip_low/high, dual_clip_c, loss_agg, kl_coef,
     kl_penalty): returns (summed loss, normaliser, summed metrics) for one micro-batch."""
     policy_loss = get_policy_loss(algo.policy_loss)
@@ -34,7 +34,7 @@ def make_policy_loss_fn(vocab_size: int, algo: AlgorithmConfig):
     kl_penalty = get_kl_penalty(algo.kl_penalty) if algo.kl_coef > 0 else None
 
     def loss_fn(batch, logits_shard):
-        logprobs = next_token_logprobs(logits_shard, batch["input_ids"], vocab_size)
+        logprobs = next_token_logprobs(logits_shard, batch["input_ids"], vocab_size, logprob_chunk_tokens)
         mask = target_mask(batch)
         advantages = batch.get("advantages")
         if advantages is not None:

@@ -54,8 +54,9 @@ class RunRefused(CompactHydraException):
 def preflight(cfg: RunConfig, model_dir: Optional[str] = None) -> None:
     """What the jobs would only find out on the cluster (or each rank after megatron's init), checked before
     anything is submitted: the teacher's endpoint and key (reflection=edit: its phrase bank), the prompt template,
-    the model's shape against parallel.* (model_dir: the resolved model.path; None skips it) and the training set
-    (and validation.sets), read as the learner reads it. Cheap checks first; reading the data takes a second or two."""
+    the model's shape against parallel.* (model_dir: the resolved model.path; None skips it) and, on GPUs, the
+    learner's memory plan against parallel.gpu_memory_gb (a warning), and the training set (and validation.sets),
+    read as the learner reads it. Cheap checks first; reading the data takes a second or two."""
     reflection = cfg.reflection
     uses_teacher = cfg.algorithm.p2o.enabled and cfg.gepa.mode != "off" and reflection.kind == "teacher"
     if uses_teacher and not reflection.base_url:
@@ -74,6 +75,13 @@ def preflight(cfg: RunConfig, model_dir: Optional[str] = None) -> None:
         raise ValueError(f"data.template: {error}") from error
     if model_dir is not None:
         check_model_shape(cfg, model_dir)
+        from p2o_hpc.megatron.memory_plan import check_layout, memory_warning, read_model_shape
+
+        shape = read_model_shape(model_dir)  # config.json only
+        check_layout(shape, cfg)
+        warning = memory_warning(shape, cfg) if cfg.cluster.gpus else None  # a CPU run has no GPU budget
+        if warning:
+            Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}")
     data = cfg.data.train
     if data.endswith((".json", ".jsonl")) and not Path(data).is_file():
         raise FileNotFoundError(f"data.train={data}: no such file")

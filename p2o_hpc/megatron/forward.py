@@ -14,25 +14,69 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 
-def mask_padded_vocab(logits_shard: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def mask_padded_vocab(logits_shard: torch.Tensor, vocab_size: int, *, inplace: bool = False) -> torch.Tensor:
     """Padded vocabulary rows (added so TP splits evenly) must get no probability mass."""
     shard_width = logits_shard.shape[-1]
     start = parallel_state.get_tensor_model_parallel_rank() * shard_width
     if start + shard_width <= vocab_size:
         return logits_shard
     keep = (torch.arange(start, start + shard_width) < vocab_size).to(logits_shard.device)
-    return logits_shard.masked_fill(~keep, float("-inf"))
+    fill = logits_shard.masked_fill_ if inplace else logits_shard.masked_fill
+    return fill(~keep, float("-inf"))
 
 
-def token_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """log p(target) per position from this TP rank's vocab shard of the logits (fp32; TP-collective)."""
-    logits = mask_padded_vocab(logits_shard.float(), vocab_size)
-    return -vocab_parallel_cross_entropy(logits.contiguous(), targets.contiguous())
+def _whole_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    # A fresh fp32 copy (also for fp32 logits): megatron's cross entropy and the vocab mask work on it in place.
+    logits = logits_shard.to(torch.float32, copy=True).contiguous()
+    return -vocab_parallel_cross_entropy(mask_padded_vocab(logits, vocab_size, inplace=True), targets.contiguous())
 
 
-def next_token_logprobs(logits_shard: torch.Tensor, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+class _ChunkedLogprobs(torch.autograd.Function):
+    """Log-probs over sequence chunks; backward recomputes each chunk's fp32 softmax and writes its gradient into
+    one bf16 buffer. So between forward and backward only the (bf16) logits are kept, and at any time one chunk's
+    fp32 copy exists instead of the whole [tokens, vocab/TP] one (16k tokens × 152k vocab: 10 GB at TP1; a
+    1k-token chunk: 0.6 GB). torch.utils.checkpoint per slice would recompute the same way but add a full-size
+    zero gradient per chunk (slice backward)."""
+
+    @staticmethod
+    def forward(ctx, logits_shard, targets, vocab_size, width):
+        ctx.save_for_backward(logits_shard, targets)
+        ctx.vocab_size, ctx.width = vocab_size, width
+        seq = logits_shard.shape[1]
+        return torch.cat([_whole_logprobs(logits_shard[:, start:start + width], targets[:, start:start + width],
+                                          vocab_size) for start in range(0, seq, width)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits_shard, targets = ctx.saved_tensors
+        grad = torch.empty(logits_shard.shape, dtype=logits_shard.dtype, device=logits_shard.device)
+        for start in range(0, logits_shard.shape[1], ctx.width):
+            span = slice(start, start + ctx.width)
+            with torch.enable_grad():
+                piece = logits_shard[:, span].detach().requires_grad_()
+                logprobs = _whole_logprobs(piece, targets[:, span], ctx.vocab_size)
+                piece_grad = torch.autograd.grad(logprobs, piece, grad_output[:, span])[0]
+            grad[:, span] = piece_grad
+        return grad, None, None, None
+
+
+def token_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                   chunk_tokens: int = 0) -> torch.Tensor:
+    """log p(target) per position from this TP rank's vocab shard of the logits (fp32; TP-collective).
+
+    `chunk_tokens` (parallel.logprob_chunk_tokens; 0: all at once) bounds the fp32 working set to chunks of about
+    that many tokens (whole positions of every row); the values are the same."""
+    batch, seq = targets.shape
+    width = max(1, chunk_tokens // max(1, batch))
+    if chunk_tokens <= 0 or width >= seq:
+        return _whole_logprobs(logits_shard, targets, vocab_size)
+    return _ChunkedLogprobs.apply(logits_shard, targets, vocab_size, width)
+
+
+def next_token_logprobs(logits_shard: torch.Tensor, input_ids: torch.Tensor, vocab_size: int,
+                        chunk_tokens: int = 0) -> torch.Tensor:
     """[batch, seq-1]: log p(input_ids[:, t+1] | input_ids[:, :t+1])."""
-    return token_logprobs(logits_shard[:, :-1], input_ids[:, 1:], vocab_size)
+    return token_logprobs(logits_shard[:, :-1], input_ids[:, 1:], vocab_size, chunk_tokens)
 
 
 def run_schedule(
@@ -42,7 +86,8 @@ def run_schedule(
     *,
     forward_only: bool,
 ) -> list:
-    """Drive megatron's schedule (no-pipelining, 1F1B, interleaved: megatron picks) over the micro-batches.
+    """Drive megatron's schedule (no-pipelining, 1F1B, interleaved: megatron picks) over the micro-batches, whose
+    tensors are on torch.cuda.current_device() (moved once where they are built, not here per pass).
 
     `on_output(batch, logits_shard)` runs on the last stage and returns what megatron's loss function returns:
     `(loss, reported)` or `(summed_loss, num_tokens, reported)`. Returns the `reported` items (last stage only).

@@ -20,6 +20,12 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from p2o_hpc.choices import Recompute
+from p2o_hpc.megatron import cpu_compat
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 
@@ -109,10 +115,36 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available()
 
 
-def build_transformer_config(arch: HFArchitecture, params_dtype: torch.dtype = torch.float32, **overrides) -> TransformerConfig:
-    """Parallel sizes come from parallel_state, which must be initialised first."""
+def recompute_settings(recompute: Recompute | str, num_layers: int, layers_per_stage: int) -> dict:
+    """parallel.recompute as megatron's TransformerConfig fields (full: `num_layers` layers per uniform chunk)."""
+    recompute = Recompute(recompute)
+    if recompute == Recompute.none:
+        return {}
+    if recompute == Recompute.selective:
+        return dict(recompute_granularity="selective")  # recompute_modules defaults to core attention
+    if not 1 <= num_layers <= layers_per_stage:
+        raise ValueError(f"parallel.recompute_num_layers={num_layers} must be in [1, {layers_per_stage}] (the "
+                         "layers of one pipeline stage: num_hidden_layers / parallel.pipeline)")
+    return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=num_layers)
+
+
+def build_transformer_config(
+    arch: HFArchitecture,
+    params_dtype: torch.dtype = torch.float32,
+    *,
+    sequence_parallel: bool = False,
+    recompute: Recompute | str = Recompute.none,
+    recompute_num_layers: int = 1,
+    **overrides,
+) -> TransformerConfig:
+    """Parallel sizes come from parallel_state, which must be initialised first. `sequence_parallel` and
+    `recompute*` are parallel.*'s memory keys (p2o_hpc.config.ParallelConfig)."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if sequence_parallel and tp == 1:
+        raise ValueError("parallel.sequence_parallel=true needs parallel.tensor > 1")
+    if sequence_parallel or Recompute(recompute) != Recompute.none:
+        cpu_compat.run_backward_under_device_mode()
     settings = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -145,9 +177,33 @@ def build_transformer_config(arch: HFArchitecture, params_dtype: torch.dtype = t
         # but megatron rejects variable lengths with its allgather default.)
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",
+        sequence_parallel=sequence_parallel,
+        **recompute_settings(recompute, recompute_num_layers, arch.num_layers // pp),
     )
     settings.update(overrides)
     return TransformerConfig(**settings)
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm for the local spec (no TE/Apex: CPU) under sequence parallelism. Megatron's torch norm
+    refuses SP only because it leaves the weight unmarked: marked, finalize_model_grads sums its gradient (from
+    each rank's share of the sequence) over the TP ranks, as TE's norm is."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def _with_norm(spec, norm: type):
+    """The layer spec with every torch-norm module (layer norms, q/k norms) replaced by `norm`."""
+    if spec is WrappedTorchNorm:
+        return norm
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(spec, submodules=_with_norm(spec.submodules, norm))
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return dataclasses.replace(spec, **{f.name: _with_norm(getattr(spec, f.name), norm)
+                                            for f in dataclasses.fields(spec) if f.init})
+    return spec
 
 
 def build_gpt_model(
@@ -164,10 +220,16 @@ def build_gpt_model(
     spec_kwargs = dict(qk_layernorm=arch.qk_norm)
     if not use_te:
         spec_kwargs["normalization"] = "RMSNorm"
+    spec = spec_fn(**spec_kwargs)
+    if config.sequence_parallel and not use_te:
+        spec = TransformerBlockSubmodules(
+            layer_specs=[_with_norm(spec, SequenceParallelRMSNorm)] * get_num_layers_to_build(config, vp_stage),
+            layer_norm=SequenceParallelRMSNorm,
+        )
     tp = parallel_state.get_tensor_model_parallel_world_size()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=spec_fn(**spec_kwargs),
+        transformer_layer_spec=spec,
         vocab_size=arch.padded_vocab_size(tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
@@ -179,4 +241,32 @@ def build_gpt_model(
         rotary_base=int(arch.rope_theta),
         vp_stage=vp_stage,
     )
+    if config.sequence_parallel:
+        pad_sequences_for_sequence_parallel(model, tp)
+    # Megatron's own layers are made on the current device, but the local spec's torch norms on the host (megatron's
+    # training script moves the model the same way). On CPU the compat layer makes this a no-op.
+    model.cuda(torch.cuda.current_device())
     return model
+
+
+def pad_sequences_for_sequence_parallel(model: GPTModel, tp: int) -> None:
+    """Sequence parallelism splits the sequence evenly over the TP ranks, but RL micro-batches are padded only to
+    their own longest sequence. The first stage's input_ids get right-padded to a multiple of TP (causal attention:
+    trailing tokens change nothing before them) and the last stage's logits are cut back to the caller's length,
+    so callers never see the padding. (The output layer all-gathers the sequence: logits are whole sequences.)"""
+
+    def pad_input(module, args, kwargs):
+        input_ids, *rest = args
+        module._unpadded_length = input_ids.shape[1]
+        extra = -input_ids.shape[1] % tp
+        if extra and module.pre_process:
+            input_ids = F.pad(input_ids, (0, extra), value=0)
+        return (input_ids, *rest), kwargs
+
+    def cut_output(module, args, kwargs, output):
+        if module.post_process and torch.is_tensor(output) and output.dim() == 3 and kwargs.get("labels") is None:
+            return output[:, : module._unpadded_length]
+        return output
+
+    model.register_forward_pre_hook(pad_input, with_kwargs=True)
+    model.register_forward_hook(cut_output, with_kwargs=True)

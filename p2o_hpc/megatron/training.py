@@ -17,7 +17,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from p2o_hpc.config import AlgorithmConfig
+from p2o_hpc.choices import Recompute
+from p2o_hpc.config import AlgorithmConfig, ParallelConfig
 from p2o_hpc.megatron.forward import next_token_logprobs, run_schedule
 from p2o_hpc.megatron.hf_weights import load_hf_weights
 from p2o_hpc.megatron.model_provider import HFArchitecture, build_gpt_model, build_transformer_config
@@ -56,6 +57,12 @@ def uses_torch_adamw_fallback() -> bool:
     return mcore_optimizer.Adam is torch.optim.AdamW
 
 
+def memory_settings(parallel: ParallelConfig) -> dict:
+    """build_learner's keyword arguments from parallel.*'s memory keys (the same names)."""
+    return {key: getattr(parallel, key) for key in ("use_distributed_optimizer", "grad_reduce_in_fp32",
+                                                    "sequence_parallel", "recompute", "recompute_num_layers")}
+
+
 def build_learner(
     arch: HFArchitecture,
     hf_dir: str | None,
@@ -64,22 +71,29 @@ def build_learner(
     params_dtype: torch.dtype = torch.float32,
     *,
     use_distributed_optimizer: bool = False,
+    grad_reduce_in_fp32: bool = True,
+    sequence_parallel: bool = False,
+    recompute: Recompute | str = Recompute.none,
+    recompute_num_layers: int = 1,
 ) -> Learner:
     """parallel_state must be initialised; weights come from `hf_dir` (or stay at megatron's init if None).
 
-    The optimizer is algorithm.* (lr, weight_decay, clip_grad, lr_decay_style) over `schedule`."""
+    The optimizer is algorithm.* (lr, weight_decay, clip_grad, lr_decay_style) over `schedule`; the keyword
+    arguments are parallel.*'s memory keys (`memory_settings(cfg.parallel)`)."""
     if use_distributed_optimizer and uses_torch_adamw_fallback():
         raise ValueError(
-            "use_distributed_optimizer=True needs Transformer-Engine's or Apex's FusedAdam: megatron's "
+            "parallel.use_distributed_optimizer=True needs Transformer-Engine's or Apex's FusedAdam: megatron's "
             "torch.optim.AdamW fallback (CPU, or GPU without TE/Apex) cannot save/load distributed optimizer state "
             "(its shared 0-dim `step` breaks the sharded state dict). Use the plain optimizer here."
         )
-    config = build_transformer_config(arch, params_dtype=params_dtype, calculate_per_token_loss=True)
+    config = build_transformer_config(arch, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+                                      recompute=recompute, recompute_num_layers=recompute_num_layers,
+                                      calculate_per_token_loss=True)
     model = build_gpt_model(arch, config)
     if hf_dir is not None:
         load_hf_weights(model, hf_dir, arch)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_distributed_optimizer,
     )
@@ -117,11 +131,11 @@ def build_learner(
     return Learner(arch=arch, model=model, optimizer=optimizer, scheduler=scheduler)
 
 
-def token_nll_loss(arch: HFArchitecture) -> LossFn:
+def token_nll_loss(arch: HFArchitecture, logprob_chunk_tokens: int = 0) -> LossFn:
     """Summed next-token NLL over `loss_mask` (defaults to all positions): the SFT loss, used by tests and benches."""
 
     def loss_fn(batch, logits_shard):
-        logprobs = next_token_logprobs(logits_shard, batch["input_ids"], arch.vocab_size)
+        logprobs = next_token_logprobs(logits_shard, batch["input_ids"], arch.vocab_size, logprob_chunk_tokens)
         mask = batch.get("loss_mask")
         mask = torch.ones_like(logprobs) if mask is None else mask[:, 1:].to(logprobs.dtype)
         return -(logprobs * mask).sum(), mask.sum()
