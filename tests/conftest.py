@@ -40,13 +40,17 @@ SANITY_TARGET = "\\"  # a backslash in the first 16 characters: ~20 % of the tin
 
 @pytest.fixture(scope="module")
 def one_process_group(tmp_path_factory):
-    """A one-rank gloo group in this process, for code that calls torch.distributed collectives."""
+    """A one-rank gloo group (and the control group) in this process, for code that calls torch.distributed
+    collectives."""
     import torch.distributed as dist
+
+    from p2o_hpc.megatron.distributed import init_control_group, shutdown
 
     store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    init_control_group(60.0)  # the loop's object collectives run on it
     yield
-    dist.destroy_process_group()
+    shutdown()
 
 
 @pytest.fixture(scope="session")

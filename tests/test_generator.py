@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from p2o_hpc.rollout.generator import Completion, GeneratorDied, GeneratorError, SamplingSettings
+from p2o_hpc.rollout import generator_process
 from p2o_hpc.rollout.generator_process import GeneratorProcess
 
 pytestmark = pytest.mark.vllm
@@ -203,6 +204,40 @@ def test_sleep_and_wake_are_noops_on_cpu(generator):
     generator.sleep()
     generator.wake()
     assert len(generator.generate([[5, 6, 7]], SamplingSettings(n=1, max_tokens=2))[0]) == 1
+
+
+def test_calls_that_wake_a_sleeping_engine_first_release_the_learners_cached_gpu_memory(generator, hf_model,
+                                                                                       monkeypatch):
+    """Colocated, the engine takes back what it slept on: the parent's free CUDA blocks go back to the GPU before
+    each call that may wake it (weights, then the KV cache), and never while it is awake (off-policy it never
+    sleeps, and an empty_cache beside the update would only slow the learner)."""
+    calls = []
+    monkeypatch.setattr(generator_process, "release_cached_gpu_memory", lambda: calls.append("release"))
+    sampling = SamplingSettings(n=1, max_tokens=2)
+
+    def traced(name, call):
+        calls.append(name)
+        return call()
+
+    traced("generate", lambda: generator.generate([[5, 6, 7]], sampling))
+    traced("sleep", generator.sleep)
+    traced("update", lambda: generator.update_weights(hf_buckets(hf_model, 2)))  # wakes the weights only
+    traced("generate", lambda: generator.generate([[5, 6, 7]], sampling))  # wakes the KV cache
+    traced("prompt_logprobs", lambda: generator.prompt_logprobs([[5, 6, 7]]))  # awake: nothing to release
+    assert calls == ["generate", "sleep", "update", "release", "generate", "release", "prompt_logprobs"]
+    assert not generator.may_be_asleep
+
+
+@pytest.mark.parametrize("visible, current, expected",
+                         [(None, 3, "3"), ("4,5,6,7", 3, "7"), ("GPU-a,GPU-b", 0, "GPU-a"), ("2", 0, "2")])
+def test_the_child_sees_the_parents_own_gpu(monkeypatch, visible, current, expected):
+    """With one engine per GPU each child must land on its host rank's GPU, however the launcher exposed GPUs."""
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    assert generator_process._parent_physical_gpu() == expected
 
 
 def test_only_interface_methods_reach_the_child(generator):

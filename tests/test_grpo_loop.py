@@ -65,6 +65,7 @@ def test_smoke_experiment(tmp_path, parallel):
                     "time/generate", "time/reward", "time/logprob", "time/update", "time/weight_sync"):
             assert key in row, key
         assert row["rollout/logprob_gap_max"] < 0.05  # refit check ran every step and the sync held
+        assert 1.0 <= row["rollout/token_prob_error"] < 1.001
         assert row["response/length_mean"] > 0
     assert [row["epoch"] for row in rows] == [0, 1]  # one step per epoch
     assert rows[0]["hard/size"] == 4  # the tiny model solves nothing: every prompt is hard
@@ -90,11 +91,15 @@ def test_learning_sanity(tmp_path, sanity_data):
 
 
 def test_skipped_weight_sync_is_caught(tmp_path, sanity_data):
-    """A generator left on stale weights must stop the run at the next refit check, never train silently."""
+    """A generator left on stale weights must stop the run at the next refit check, never train silently. The mean
+    token probability error is the statistic: one update at this lr puts it near 1.3, far above 1.05, while the
+    synced first step's is 1 + 1e-6."""
     result = launch(tmp_path / "run", *sanity_overrides(sanity_data, 3), "rollout.sync_weights=false",
                     "rollout.refit_check_every=1", expect_ok=False)
     assert result.returncode != 0
     assert "RefitCheckError" in result.stderr and "not running the learner's weights" in result.stderr
+    assert "step 1: token probability error" in result.stderr
+    assert [row["step"] for row in metrics(tmp_path / "run")] == [1]  # step 0 (synced at the start) passed
 
 
 def _checkpoint_tensors(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:

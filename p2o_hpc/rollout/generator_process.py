@@ -53,6 +53,11 @@ def _declared_methods(protocol: type) -> frozenset[str]:
 # Every call of the two engine interfaces. GeneratorProcess defines update_weights (the buckets are staged
 # here, in the parent) and close itself; its __getattr__ forwards the others to the child.
 _ENGINE_METHODS = _declared_methods(Generator) | _declared_methods(WeightReceiver)
+# Calls that wake a sleeping engine: all of it, or (a weight update) its weights. A colocated engine reallocates
+# what it slept on, so the learner's cached-but-free GPU blocks are handed back first.
+_WAKING_METHODS = frozenset({"generate", "prompt_logprobs", "wake", "start_weight_update", "load_weights_from_dir"})
+# Calls after which nothing of the engine sleeps any more (a weight update leaves the KV cache asleep).
+_FULL_WAKE_METHODS = frozenset({"generate", "prompt_logprobs", "wake"})
 
 
 def _describe(error: BaseException) -> tuple[str, str, str]:
@@ -97,7 +102,9 @@ class GeneratorProcess:
     traceback; a dead child raises GeneratorDied (calls poll the pipe and the child, never hang).
     call_timeout (seconds, None = wait while the child lives) bounds each call.
     On GPU with tensor_parallel_size 1 the child sees only the parent's current CUDA device (the
-    colocated layout: learner and vLLM share it, with sleep mode); pass env to choose otherwise.
+    colocated layout: learner and vLLM share it, with sleep mode); pass env to choose otherwise. After a
+    sleep(), every call that wakes the engine first empties this process's CUDA cache (the learner's
+    free blocks), so the engine can take its memory back.
     """
 
     POLL_S = 0.2
@@ -117,6 +124,7 @@ class GeneratorProcess:
         self._closed = False
         self._death: str | None = None
         self._nccl: NcclWeightSender | None = None
+        self.may_be_asleep = False  # sleep() sent and no full wake since: waking calls release cached GPU memory
         self.tensor_parallel_size = int(generator_kwargs.get("tensor_parallel_size", 1))
         self._expected_names = (
             checkpoint_weight_names(self.model_dir) if generator_kwargs.get("check_weight_names", True) else None
@@ -221,11 +229,18 @@ class GeneratorProcess:
         with self._lock:
             if not self._process.is_alive():
                 raise self._died(method)
+            if method in _WAKING_METHODS and self.may_be_asleep:
+                release_cached_gpu_memory()
             try:
                 self._conn.send((method, args, kwargs))
             except (OSError, EOFError, BrokenPipeError) as error:
                 raise self._died(method) from error
-            return self._receive(method, self.call_timeout)
+            result = self._receive(method, self.call_timeout)
+            if method == "sleep":
+                self.may_be_asleep = True
+            elif method in _FULL_WAKE_METHODS:
+                self.may_be_asleep = False
+            return result
 
     def _receive(self, what: str, timeout: float | None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -296,6 +311,15 @@ def _reap(process: multiprocessing.process.BaseProcess, conn, graceful: bool = T
     if process.is_alive():
         process.kill()
         process.join(timeout=5.0)
+
+
+def release_cached_gpu_memory() -> None:
+    """The caching allocator's free blocks of this process back to the GPU, for an engine about to wake on it
+    (no-op when this process never used CUDA)."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _parent_physical_gpu() -> str:

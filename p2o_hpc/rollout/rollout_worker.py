@@ -1,6 +1,7 @@
 """What an engine-host rank owns: the tokenizer, the colocated vLLM generator and the reward-grading pool.
 
-One host per node (local rank 0); the trainer splits each step's prompts across hosts and gathers the results.
+rollout.engines_per_node hosts per node (by default one per GPU, each engine on its host rank's own GPU, fed by CUDA
+IPC there); the trainer splits each step's prompts across hosts and gathers the results.
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ class RolloutWorker:
     def sleep(self) -> None:
         """GPU sleep mode: hand vLLM's weights and KV cache memory to the colocated learner (no-op on CPU).
 
-        The generator wakes by itself: weights before the next update, the KV cache before generating.
+        The generator wakes by itself: weights before the next update, the KV cache before generating; the
+        learner's cached GPU memory is emptied before each such call (GeneratorProcess).
         """
         self.generator.sleep()
 

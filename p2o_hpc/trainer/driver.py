@@ -1,10 +1,12 @@
 """The GRPO loop, run by every rank (SPMD, like megatron). One step, top to bottom:
 
-  sync weights → generate (vLLM) → reward (math-verify) → advantages → old log-probs (+ P²O token weights)
-  → refit check → update (PPO clip) → log → save,
+  sync weights → generate (vLLM; + the engine's half of the refit check) → reward (math-verify) → advantages
+  → old log-probs (+ P²O token weights) → refit check → update (PPO clip) → log → save,
 
 over three roles: the rollout side (engine hosts generate and grade, every rank receives the rollouts), the
-learner side (megatron) and the trainer state (what a checkpoint resumes). Algorithms on top of GRPO plug in
+learner side (megatron) and the trainer state (what a checkpoint resumes). Colocated on GPUs (one engine per GPU by
+default, rollout.engines_per_node), an on-policy engine sleeps from the end of its generation to the next step's
+weight sync: nothing wakes it while the learner computes log-probs and updates. Algorithms on top of GRPO plug in
 through `AlgorithmHooks` (P²O: templates for a batch, context-distillation token weights, the GEPA exchange at
 the end of an epoch). Hard prompts are mined every epoch, for GRPO too.
 
@@ -14,7 +16,12 @@ Where this differs from textbook GRPO (Shao et al. 2024):
 - one optimizer step per mini-batch, several per step (prompts_per_step / mini_batch_prompts);
 - optional one-step off-policy generation (algorithm.one_step_off_policy): batch t+1 is sampled with step t's
   weights while step t updates;
-- every rollout.refit_check_every steps the engine's log-probs are checked against the learner's.
+- every rollout.refit_check_every steps the engine's log-probs of the first rollout.refit_check_sequences
+  rollouts are checked against the learner's old log-probs by NeMo-RL's token multiplicative probability error,
+  mean(exp|Δ log p|) over their response tokens: the run stops above 1 + rollout.refit_tolerance
+  (rollout/token_prob_error; the max gap, rollout/logprob_gap_max, is only logged: it trips on bf16 noise).
+  The engine computes its half while awake with the learner's weights: on-policy right after generating,
+  off-policy (the batch was generated with the previous weights) after the step's weight sync.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from rich.console import Console
@@ -40,7 +48,7 @@ from p2o_hpc.trainer.hooks import algorithm_hooks
 from p2o_hpc.trainer.learner_side import LearnerSide
 from p2o_hpc.trainer.metrics import MetricsSink, PhaseTimer
 from p2o_hpc.trainer.preemption import StopSignal
-from p2o_hpc.trainer.rollout_side import OffPolicySchedule, RolloutSide
+from p2o_hpc.trainer.rollout_side import OffPolicySchedule, RolloutSide, engines_per_node, hosts_engine
 from p2o_hpc.trainer.state import TrainerState
 from p2o_hpc.trainer.step_metrics import step_metrics
 from p2o_hpc.trainer.validation import Validator, validated_steps
@@ -63,33 +71,31 @@ class GRPODriver:
                       timeout_s=cfg.trainer.collective_timeout_s, init_timeout_s=cfg.parallel.init_timeout_s,
                       control_timeout_s=cfg.trainer.control_timeout_s or 24 * 3600.0)
         self.rank = dist.get_rank()
-        # Two jobs never train into one run dir; a requeued job waits out its dead predecessor's heartbeat.
-        self.lease = run_dir.learner_lease().acquire(wait_s=90.0) if self.rank == 0 else None
-        self.console = Console(stderr=False) if self.rank == 0 else None
-        self.problems = training_problems(cfg.data)
-        loader = PromptLoader(self.problems, algo.prompts_per_step, seed=cfg.trainer.seed)
-        steps = algo.epochs * loader.steps_per_epoch
-        self.total_steps = min(steps, algo.max_steps) if algo.max_steps else steps
-        self.learner = LearnerSide(cfg, model_dir, self.total_steps)
-        self.hooks = algorithm_hooks(cfg, run_dir, rank=self.rank, console=self.console)
-        self.validator = Validator(cfg, self.total_steps, console=self.console)
-        self.state = TrainerState(loader, HardSampleMiner(tau=algo.tau, failed_responses=algo.hard.failed_responses,
-                                                          max_response_chars=algo.hard.max_response_chars), self.hooks)
         self.saved_step, self.last_save_s = 0, 0.0
         self.interrupted = False  # stopped by a signal before the run's last step (the SLURM task requeues)
-        self.rollouts = self.sink = None
+        self.lease = self.hooks = self.rollouts = self.sink = None  # what close() releases, on a half-built driver too
         try:
+            # Two jobs never train into one run dir; a requeued job waits out its dead predecessor's heartbeat.
+            self.lease = run_dir.learner_lease().acquire(wait_s=90.0) if self.rank == 0 else None
+            self.console = Console(stderr=False) if self.rank == 0 else None
+            self.problems = training_problems(cfg.data)
+            loader = PromptLoader(self.problems, algo.prompts_per_step, seed=cfg.trainer.seed)
+            steps = algo.epochs * loader.steps_per_epoch
+            self.total_steps = min(steps, algo.max_steps) if algo.max_steps else steps
+            self.hooks = algorithm_hooks(cfg, run_dir, rank=self.rank, console=self.console)
+            # Engines before the learner: vLLM refuses to start unless its gpu_memory_utilization share of the GPU
+            # is free, so it starts first and sleeps, and the learner takes the memory it hands back. The engine
+            # holds model_dir's weights until the first sync pushes the learner's (a resumed checkpoint's too).
+            self.rollouts = self._start_rollouts(model_dir)
+            self.learner = LearnerSide(cfg, model_dir, self.total_steps)
+            self.validator = Validator(cfg, self.total_steps, console=self.console)
+            self.state = TrainerState(loader, HardSampleMiner(tau=algo.tau, failed_responses=algo.hard.failed_responses,
+                                                              max_response_chars=algo.hard.max_response_chars),
+                                      self.hooks)
             self._resume()
             self.stop_step = self.total_steps  # this job's last step (trainer.stop_after_steps)
             if cfg.trainer.stop_after_steps is not None:
                 self.stop_step = min(self.total_steps, self.state.step + cfg.trainer.stop_after_steps)
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            self.placement = rank_placement(local_rank)
-            flags = [None] * dist.get_world_size()
-            dist.all_gather_object(flags, local_rank == 0, group=control_group())
-            engine = self._start_engine(model_dir) if local_rank == 0 else None
-            self.rollouts = RolloutSide(cfg, engine, [rank for rank, host in enumerate(flags) if host], self.hooks,
-                                        OffPolicySchedule(algo.one_step_off_policy, self.total_steps))
             if self.rank == 0:
                 wandb = cfg.logging.wandb
                 self.sink = MetricsSink(run_dir, wandb_mode=str(wandb.mode), project=wandb.project,
@@ -107,10 +113,30 @@ class GRPODriver:
             self.close()  # a half-built driver must not leave its vLLM child behind
             raise
 
+    def _start_rollouts(self, model_dir: str) -> RolloutSide:
+        """Collective: this node's engines (rollout.engines_per_node; each on its host rank's own GPU), started and
+        put to sleep, and the rollout side over every node's hosts."""
+        cfg, local_rank = self.cfg, int(os.environ.get("LOCAL_RANK", "0"))
+        self.placement = rank_placement(local_rank)
+        # CUDA in this rank decides where the learner and vLLM run (cluster.gpus only asks SLURM for GPUs).
+        engines = engines_per_node(cfg.rollout, cfg.parallel.ranks_per_node, torch.cuda.is_available())
+        host = hosts_engine(local_rank, cfg.parallel.ranks_per_node, engines)
+        flags = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, host, group=control_group())
+        engine = self._start_engine(model_dir) if host else None
+        return RolloutSide(cfg, engine, [rank for rank, hosts in enumerate(flags) if hosts], self.hooks,
+                           OffPolicySchedule(cfg.algorithm.one_step_off_policy, self.total_steps))
+
     def _start_engine(self, model_dir: str):
         from p2o_hpc.rollout.rollout_worker import RolloutWorker
 
-        return RolloutWorker.from_config(self.cfg, model_dir)
+        engine = RolloutWorker.from_config(self.cfg, model_dir)
+        try:
+            engine.sleep()  # its GPU memory to the learner built next (no-op on CPU or without sleep mode)
+        except BaseException:
+            engine.close()
+            raise
+        return engine
 
     # ------------------------------------------------------------------------------------------------ the step
 
@@ -118,17 +144,23 @@ class GRPODriver:
         algo, state, timer, started = self.cfg.algorithm, self.state, PhaseTimer(), time.perf_counter()
         with timer.phase("weight_sync"):
             self.sync_engine()
+        checked, engine_logprobs = self._refit_sequences(), {}
         batch, state.pending = state.pending, None
-        if batch is None:  # on-policy, or the first off-policy step
-            batch = self.rollouts.generate(self._next_batch(), state.step, timer)
+        if batch is None:  # on-policy, or the first off-policy step: the engine checks itself before it sleeps
+            batch, engine_logprobs = self.rollouts.generate(self._next_batch(), state.step, timer, checked)
+        elif checked:  # generated ahead with the previous weights; since the sync the engine holds the learner's
+            with timer.phase("refit_check"):
+                engine_logprobs = self.rollouts.engine_logprobs(batch, checked)
         batch.advantages = self.learner.advantages(batch)
         mini_batches = self.learner.micro_batches(batch)
         micro_batches = [mb for mini in mini_batches for mb in mini]
         with timer.phase("logprob"):
             self.learner.old_logprobs(micro_batches)
             distillation = self.hooks.token_weights(batch, micro_batches, self.learner.logprobs)
-        refit = self._refit_check(batch, micro_batches, timer)
-        self.rollouts.release_engine()
+        refit = {}
+        if checked:
+            with timer.phase("refit_check"):
+                refit = self.learner.refit_check(state.step, batch.rollouts, micro_batches, engine_logprobs)
         # One-step off-policy: the next batch is sampled with this step's weights during the update.
         upcoming = self._next_batch() if self.rollouts.schedule.generate_ahead(state.step) else None
         ahead = self.rollouts.start_ahead(upcoming, state.step + 1) if upcoming is not None else None
@@ -180,12 +212,11 @@ class GRPODriver:
         self.rollouts.release_engine()
         return metrics
 
-    def _refit_check(self, batch: StepBatch, micro_batches: list[dict], timer: PhaseTimer) -> dict:
-        every = self.cfg.rollout.refit_check_every
-        if not every or self.state.step % every:
-            return {}
-        with timer.phase("refit_check"):
-            return self.learner.refit_check(self.state.step, batch.rollouts, micro_batches, self.rollouts.engine)
+    def _refit_sequences(self) -> int:
+        """How many of this step's rollouts the refit check compares; 0: no check this step."""
+        rollout = self.cfg.rollout
+        due = rollout.refit_check_every and self.state.step % rollout.refit_check_every == 0
+        return rollout.refit_check_sequences if due else 0
 
     def _end_epoch(self, epoch: int) -> dict:
         miner = self.state.miner
@@ -207,9 +238,10 @@ class GRPODriver:
         return self.rollouts.engine
 
     def sync_engine(self) -> None:
-        """Collective: every rank takes part in the export; engine hosts load the buckets."""
-        buckets = self.learner.weight_buckets()
-        if self.engine is not None and self.cfg.rollout.sync_weights:
+        """Collective: every rank takes part in the export; only engine hosts receive the buckets and load them."""
+        receive = self.engine is not None and self.cfg.rollout.sync_weights
+        buckets = self.learner.weight_buckets(receive=receive)
+        if receive:
             self.engine.update_weights(buckets)
         else:
             for _ in buckets:
@@ -300,7 +332,8 @@ class GRPODriver:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
-        self.hooks.close()
+        if self.hooks is not None:
+            self.hooks.close()
         if self.rollouts is not None:
             self.rollouts.close()
             self.rollouts = None

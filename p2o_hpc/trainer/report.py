@@ -26,8 +26,11 @@ PANELS = [
     ("response length (tokens)", ["response/length_mean", "response/length_max"]),
     ("actor", ["actor/grad_norm", "actor/clip_frac"]),
     ("throughput (tokens/s)", ["perf/gen_tokens_per_s", "perf/train_tokens_per_s"]),
-    ("generator vs learner log-prob gap", ["rollout/logprob_gap_max", "rollout/logprob_gap_mean"]),
+    ("refit check: generator vs learner", ["rollout/token_prob_error", "rollout/logprob_gap_max",
+                                            "rollout/logprob_gap_mean"]),
 ]
+# Drawn minus this offset, on the scale of the panel's other keys: token_prob_error − 1 ≈ the mean |log-prob gap|.
+OFFSETS = {"rollout/token_prob_error": 1.0}
 TIME_PHASES = ["weight_sync", "generate", "reward", "rollout_wait", "logprob", "refit_check", "update", "validation"]
 TABLE_KEYS = ["reward/mean", "advantage/zero_group_frac", "response/length_mean", "actor/loss", "actor/clip_frac",
               "actor/grad_norm", "actor/lr", "perf/gen_tokens_per_s", "perf/train_tokens_per_s", "time/step"]
@@ -63,9 +66,11 @@ def plot_training(rows: list[dict], out: str | Path, algorithm: str = "GRPO") ->
     axes = axes.ravel()
     for ax, (title, keys) in zip(axes, PANELS):
         for key in keys:
-            points = [(row["step"], row[key]) for row in rows if key in row]
+            offset = OFFSETS.get(key, 0.0)
+            points = [(row["step"], row[key] - offset) for row in rows if key in row]
             if points:
-                ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=key.split("/", 1)[1])
+                label = key.split("/", 1)[1] + (f" − {offset:g}" if offset else "")
+                ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
