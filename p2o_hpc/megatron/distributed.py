@@ -46,7 +46,6 @@ def init_megatron(
 
     `init_timeout_s` bounds the rendezvous (a peer that never starts fails the job), `timeout_s` megatron's
     collectives, `control_timeout_s` (default: `timeout_s`) one operation of the control group."""
-    global _control_group
     cpu_compat.enable()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size % (tensor_parallel * pipeline_parallel):
@@ -74,8 +73,14 @@ def init_megatron(
         distributed_timeout_minutes=max(1, int(timeout_s // 60)),
     )
     model_parallel_cuda_manual_seed(seed)
-    _control_group = dist.new_group(backend="gloo",
-                                    timeout=datetime.timedelta(seconds=control_timeout_s or timeout_s))
+    init_control_group(control_timeout_s or timeout_s)
+
+
+def init_control_group(timeout_s: float) -> None:
+    """The control group over every rank of the initialised default group (init_megatron calls this; a test or tool
+    that sets up torch.distributed itself calls it too)."""
+    global _control_group
+    _control_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def local_device_index() -> int:
