@@ -384,7 +384,9 @@ class ClusterConfig:
     constraint: Optional[str] = None
     gpus: bool = False  # request GPUs: parallel.gpus_per_node per learner node, gepa.resources.gpus for the service
     cpus_per_task: int = 8
-    mem_gb: Optional[int] = None  # per node; null → the partition's default
+    # Host RAM per node; null → the partition's default, or for a GPU learner what the memory plan says the
+    # colocated setup needs (sleeping engines keep their weights in host RAM: tools/plan_memory.py prints it).
+    mem_gb: Optional[int] = None
     time_min: int = 240  # walltime per allocation; the run continues over requeues
     signal_delay_s: int = 120  # SLURM sends USR2 this long before the walltime ends: checkpoint and requeue
     max_num_timeout: int = 20  # requeues after timeouts; preemptions do not count

@@ -190,3 +190,19 @@ def test_preflight_names_recompute_layers_and_warns_about_memory_only_on_gpus(ti
     warning = " ".join(capsys.readouterr().err.split())
     assert "warning:" in warning and "parallel.gpu_memory_gb=0.5" in warning
     assert "rollout.gpu_memory_utilization" in warning
+
+
+def test_a_gpu_learner_job_asks_for_the_host_memory_its_sleeping_engines_need(tiny_model_dir):
+    from p2o_hpc.cluster.slurm_jobs import learner_mem_gb
+    from p2o_hpc.megatron.memory_plan import host_memory_gb_per_node, read_model_shape
+
+    cfg = _compose("experiment=paper_p2o")
+    assert learner_mem_gb(cfg, str(tiny_model_dir)) is None  # cluster.gpus=false: the partition's default
+    cfg.cluster.gpus = True
+    needed = learner_mem_gb(cfg, str(tiny_model_dir))
+    assert needed == host_memory_gb_per_node(read_model_shape(tiny_model_dir), cfg) > 0
+    cfg.rollout.engines_per_node = 1
+    assert learner_mem_gb(cfg, str(tiny_model_dir)) < needed  # one engine's weights offloaded instead of eight
+    cfg.cluster.mem_gb = 500
+    assert learner_mem_gb(cfg, str(tiny_model_dir)) == 500  # the site's number wins
+    assert learner_mem_gb(_compose("experiment=paper_p2o", "cluster.gpus=true"), "/no/such/model") is None

@@ -127,9 +127,24 @@ def submit_learner(cfg: RunConfig, run_dir: RunDir, model_dir: str) -> submitit.
         tasks_per_node=ranks,
         cpus_per_task=cfg.cluster.cpus_per_task,
         gpus_per_node=ranks if cfg.cluster.gpus else None,
-        mem_gb=cfg.cluster.mem_gb,
+        mem_gb=learner_mem_gb(cfg, model_dir),
     )
     return executor.submit(SlurmLearnerTask(asdict(cfg), str(run_dir.path), model_dir))
+
+
+def learner_mem_gb(cfg: RunConfig, model_dir: str) -> Optional[int]:
+    """Host RAM per learner node: cluster.mem_gb, else (GPU runs) what the colocated setup needs by the memory plan
+    (each sleeping engine keeps its weights in host RAM), so a partition's small default does not kill the job at
+    the first sleep; None (the partition's default) for CPU runs or when the model's config cannot be read."""
+    if cfg.cluster.mem_gb is not None or not cfg.cluster.gpus:
+        return cfg.cluster.mem_gb
+    from p2o_hpc.megatron.memory_plan import host_memory_gb_per_node, read_model_shape
+
+    try:
+        shape = read_model_shape(model_dir)
+    except (OSError, ValueError, KeyError):
+        return None
+    return int(host_memory_gb_per_node(shape, cfg))
 
 
 def submit_gepa_service(cfg: RunConfig, run_dir: RunDir) -> submitit.Job:
