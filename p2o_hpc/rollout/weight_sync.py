@@ -262,6 +262,10 @@ def _tensor_meta(bucket: Bucket) -> dict[str, Any]:
 def push_ipc(buckets: Iterable[Bucket], receiver: WeightReceiver, check: _NameCheck) -> WeightUpdateStats:
     """CUDA IPC handles per bucket into vLLM's `ipc` engine (unpacked format). Unverified here: no GPU.
 
+    Each handle is keyed by the UUID of the GPU that holds the tensor, which is the engine's GPU: the colocated engine
+    runs on its host rank's own GPU with tensor_parallel_size 1 (VLLMGenerator refuses ipc for more). tools/gpu_check.py
+    rebuilds handles of this format in another process on a real GPU.
+
     The learner's tensors must stay alive until finish_weight_update: vLLM's layerwise reload keeps
     references to the received views until a whole layer (attention: the whole model) has arrived.
     """
