@@ -12,7 +12,7 @@ import pytest
 from p2o_hpc.megatron.distributed import launch_local
 from tests import colocation_workers
 
-pytestmark = [pytest.mark.vllm, pytest.mark.multiproc]
+pytestmark = [pytest.mark.vllm, pytest.mark.multiproc, pytest.mark.long]
 
 
 def test_the_engine_starts_and_sleeps_before_the_learner_and_a_half_built_driver_closes_it(tmp_path,

@@ -50,6 +50,7 @@ def test_templates_are_rolled_out_and_distilled(tmp_path, algorithm, parallel):
             assert "p2o/cd_ratio_mean" not in row
 
 
+@pytest.mark.long
 def test_a_failed_epoch_end_loses_no_step_and_a_corrupt_templates_file_no_run(tmp_path):
     """The epoch's end (hard set, GEPA exchange) fails after step 2: its checkpoint is already written. The resume
     finds a truncated templates.json (with DONE) and a torn metrics line: the file is set aside, the step's line is

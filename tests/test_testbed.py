@@ -98,6 +98,7 @@ def test_a_p2o_testbed_epoch_finds_a_template_and_the_next_epoch_distils_it(tmp_
     assert "val/hard/acc_with_templates" in rows[-1]
 
 
+@pytest.mark.long
 def test_the_base_policy_build_runs_end_to_end_on_a_reduced_model(tmp_path):
     """tools/build_testbed_model.py's path at a fraction of its size (2 layers, 1,500 rows, 24 steps): the testbed
     tokenizer, prompts rendered as the RL path renders them, the megatron SFT stage, the export and the report. The

@@ -253,6 +253,7 @@ def test_the_report_draws_held_out_curves_and_counts_training_steps_only(tmp_pat
 # ------------------------------------------------------------------------------------------ a short real run
 
 
+@pytest.mark.long
 @pytest.mark.vllm
 @pytest.mark.multiproc
 def test_a_p2o_run_logs_validation_at_the_configured_steps(tmp_path):
