@@ -43,6 +43,8 @@ from torch.overrides import TorchFunctionMode
 from megatron.core.tensor_parallel import random as mcore_random
 
 from p2o_hpc.megatron import device_check
+from p2o_hpc.megatron.device_check import is_cuda_device
+
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +69,8 @@ _CUDA_TYPE_NAMES = {
 _enabled = False
 
 
-def _is_cuda_device(device) -> bool:
-    if isinstance(device, torch.device):
-        return device.type == "cuda"
-    if isinstance(device, str):
-        return device.split(":")[0] == "cuda"
-    return isinstance(device, int) and not isinstance(device, bool)
-
-
 def _cpu_if_cuda(device):
-    return torch.device("cpu") if _is_cuda_device(device) else device
+    return torch.device("cpu") if is_cuda_device(device) else device
 
 
 class CpuDeviceMode(TorchFunctionMode):
@@ -91,7 +85,7 @@ class CpuDeviceMode(TorchFunctionMode):
             return _CUDA_TYPE_NAMES.get(tensor.dtype) or func(*args)
         if func is torch.Tensor.to:
             # .to(device), .to(device, dtype), .to(tensor) or .to(dtype): only the first positional may be a device.
-            if len(args) > 1 and _is_cuda_device(args[1]):
+            if len(args) > 1 and is_cuda_device(args[1]):
                 args = (args[0], torch.device("cpu"), *args[2:])
         if "device" in kwargs and kwargs["device"] is not None:
             kwargs = {**kwargs, "device": _cpu_if_cuda(kwargs["device"])}

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode, resolve_name
 
+
 ENV_VAR = "P2O_DEVICE_CHECK"
 DEVICE, HOST = "device", "host"
 
@@ -107,7 +108,8 @@ def _forget(key: int, ref: weakref.ref) -> None:
         del _placements[key]
 
 
-def _is_cuda(device) -> bool:
+def is_cuda_device(device) -> bool:
+    """Whether a `device=` / `.to()` argument names CUDA (a bare int is a CUDA index, as megatron passes it)."""
     if isinstance(device, torch.device):
         return device.type == "cuda"
     if isinstance(device, str):
@@ -117,7 +119,7 @@ def _is_cuda(device) -> bool:
 
 def _device_placement(device) -> str | None:
     """Where a `device=` / `.to()` argument puts a tensor on a GPU; None when that cannot be known."""
-    if _is_cuda(device):
+    if is_cuda_device(device):
         return DEVICE
     if isinstance(device, str):
         return HOST if device.split(":")[0] == "cpu" else None
