@@ -137,10 +137,7 @@ class RolloutSide:
         one under `template` ("" = the original prompt), generated and graded by the engine hosts, each its share;
         on every rank. A problem whose prompt does not fit data.max_prompt_tokens is None (skipped, not an error: a
         held-out set must not stop a training run). None when the engine refuses `template` (its checks)."""
-        share = self._graded_share(problems, sampling, template) if self.engine is not None else None
-        shares = [None] * dist.get_world_size()
-        dist.all_gather_object(shares, share, group=control_group())
-        parts = [shares[rank] for rank in self.host_ranks]
+        parts = self._all_shares(self._graded_share(problems, sampling, template) if self.engine is not None else None)
         if any(part is None for part in parts):
             return None
         return [row for part in parts for row in part]
