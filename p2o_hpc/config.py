@@ -418,6 +418,18 @@ class TrainerConfig:
     # generation, an inline GEPA round (gepa.mode=inline) for rank 0's whole round. Waits for the GEPA service are
     # polled (one broadcast per gepa.poll_s) and never reach it. null → 24 h.
     control_timeout_s: Optional[float] = None
+    # Steps (1-based, as metrics.jsonl counts them) to record with torch.profiler on every learner rank, e.g.
+    # trainer.profile_steps=[3,10]: a chrome trace <run dir>/profile/step_<N>.rank<R>.json, each phase of the step
+    # a range phase/<name> (weight_sync, generate, reward, refit_check, rollout_wait, gepa_wait, logprob,
+    # cd_logprob, update: their seconds are time/<name>). Open it in https://ui.perfetto.dev or chrome://tracing.
+    # On a GPU the phases are NVTX ranges too, for `nsys profile`. [] → nothing is profiled.
+    profile_steps: list[int] = field(default_factory=list)
+
+    def checks(self):
+        """(ok, message) pairs for validate()."""
+        steps = list(self.profile_steps)
+        bad = [step for step in steps if isinstance(step, bool) or not isinstance(step, int) or step < 1]
+        yield not bad, f"trainer.profile_steps={steps}: steps are integers ≥ 1, as metrics.jsonl counts (not {bad})"
 
 
 @dataclass
@@ -505,6 +517,7 @@ def _checks(cfg: RunConfig):
            "algorithm.p2o needs a reflection model: reflection=self or reflection=teacher (or gepa.mode=off; "
            "reflection=edit: offline phrase edits, no LLM)")
     yield from _validation_checks(cfg.validation, cfg.rollout)
+    yield from cfg.trainer.checks()
     engines = cfg.rollout.engines_per_node
     yield (engines is None or (engines >= 1 and parallel.ranks_per_node % engines == 0),
            f"rollout.engines_per_node={engines} must be ≥ 1 and divide the ranks per node "

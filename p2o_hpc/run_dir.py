@@ -8,6 +8,7 @@ The two jobs of a P²O run share nothing but this folder (on a cluster, shared s
     gepa_service.lease            the GEPA service while it runs: one service per run dir
     checkpoints/  metrics.jsonl  wandb_run_id  plots/  logs/    the learner's own files
     hf/step_<N>/  wandb_sync/      tools/convert_to_hf.py's HF exports; tools/sync_wandb.py's rebuilt wandb run
+    profile/step_<N>.rank<R>.json  every learner rank: a torch-profiler chrome trace of step N (trainer.profile_steps)
     jobs.json  error.txt  <cluster.submitit_folder>/            the launcher's: job ids, its error, submitit's files
 
     epochs/<e>/hard_set.jsonl     learner, end of epoch e: the prompts whose K rollouts (almost) all failed
@@ -109,6 +110,14 @@ class RunDir:
     def wandb_sync(self) -> Path:
         """The one wandb run rebuilt from metrics.jsonl (tools/sync_wandb.py), whatever number of jobs the run took."""
         return self.path / "wandb_sync"
+
+    @property
+    def profile(self) -> Path:
+        return self.path / "profile"
+
+    def profile_trace(self, step: int, rank: int) -> Path:
+        """Learner rank `rank`'s torch-profiler chrome trace of step `step` (1-based, as metrics.jsonl counts)."""
+        return self.profile / f"step_{step}.rank{rank}.json"
 
     def hf_export(self, step: int) -> Path:
         """The HF folder tools/convert_to_hf.py makes of checkpoints/step_<step>."""

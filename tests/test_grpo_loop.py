@@ -93,13 +93,21 @@ def test_learning_sanity(tmp_path, sanity_data):
 def test_skipped_weight_sync_is_caught(tmp_path, sanity_data):
     """A generator left on stale weights must stop the run at the next refit check, never train silently. The mean
     token probability error is the statistic: one update at this lr puts it near 1.3, far above 1.05, while the
-    synced first step's is 1 + 1e-6."""
+    synced first step's is 1 + 1e-6.
+
+    Step 1 is also profiled (trainer.profile_steps): its trace is written when it ends, whatever comes next."""
     result = launch(tmp_path / "run", *sanity_overrides(sanity_data, 3), "rollout.sync_weights=false",
-                    "rollout.refit_check_every=1", expect_ok=False)
+                    "rollout.refit_check_every=1", "trainer.profile_steps=[1]", expect_ok=False)
     assert result.returncode != 0
     assert "RefitCheckError" in result.stderr and "not running the learner's weights" in result.stderr
     assert "step 1: token probability error" in result.stderr
     assert [row["step"] for row in metrics(tmp_path / "run")] == [1]  # step 0 (synced at the start) passed
+    trace = tmp_path / "run" / "profile" / "step_1.rank0.json"
+    assert f"step1:profilertrace→{trace}" in "".join(result.stdout.split())  # rich wraps long lines anywhere
+    assert [path.name for path in trace.parent.iterdir()] == [trace.name]  # one rank, one profiled step
+    names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+    for phase in ("weight_sync", "generate", "reward", "refit_check", "rollout_wait", "logprob", "update"):
+        assert f"phase/{phase}" in names, phase
 
 
 def _checkpoint_tensors(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:

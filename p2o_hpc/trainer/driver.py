@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from p2o_hpc.trainer.hooks import algorithm_hooks
 from p2o_hpc.trainer.learner_side import LearnerSide
 from p2o_hpc.trainer.metrics import MetricsSink, PhaseTimer
 from p2o_hpc.trainer.preemption import StopSignal
+from p2o_hpc.trainer.profiling import StepProfiler
 from p2o_hpc.trainer.rollout_side import OffPolicySchedule, RolloutSide, engines_per_node, hosts_engine
 from p2o_hpc.trainer.state import TrainerState
 from p2o_hpc.trainer.step_metrics import step_metrics
@@ -93,6 +95,7 @@ class GRPODriver:
                                                               max_response_chars=algo.hard.max_response_chars),
                                       self.hooks)
             self._resume()
+            self.profiler = StepProfiler(cfg.trainer.profile_steps, run_dir, rank=self.rank, console=self.console)
             self.stop_step = self.total_steps  # this job's last step (trainer.stop_after_steps)
             if cfg.trainer.stop_after_steps is not None:
                 self.stop_step = min(self.total_steps, self.state.step + cfg.trainer.stop_after_steps)
@@ -147,7 +150,7 @@ class GRPODriver:
         checked, engine_logprobs = self._refit_sequences(), {}
         batch, state.pending = state.pending, None
         if batch is None:  # on-policy, or the first off-policy step: the engine checks itself before it sleeps
-            batch, engine_logprobs = self.rollouts.generate(self._next_batch(), state.step, timer, checked)
+            batch, engine_logprobs = self.rollouts.generate(self._next_batch(timer), state.step, timer, checked)
         elif checked:  # generated ahead with the previous weights; since the sync the engine holds the learner's
             with timer.phase("refit_check"):
                 engine_logprobs = self.rollouts.engine_logprobs(batch, checked)
@@ -156,13 +159,15 @@ class GRPODriver:
         micro_batches = [mb for mini in mini_batches for mb in mini]
         with timer.phase("logprob"):
             self.learner.old_logprobs(micro_batches)
+        # P²O's CD pass (log π(y|x̃) of the templated rollouts, then the token weights): a phase of its own.
+        with timer.phase("cd_logprob") if self.hooks.distill else nullcontext():
             distillation = self.hooks.token_weights(batch, micro_batches, self.learner.logprobs)
         refit = {}
         if checked:
             with timer.phase("refit_check"):
                 refit = self.learner.refit_check(state.step, batch.rollouts, micro_batches, engine_logprobs)
         # One-step off-policy: the next batch is sampled with this step's weights during the update.
-        upcoming = self._next_batch() if self.rollouts.schedule.generate_ahead(state.step) else None
+        upcoming = self._next_batch(timer) if self.rollouts.schedule.generate_ahead(state.step) else None
         ahead = self.rollouts.start_ahead(upcoming, state.step + 1) if upcoming is not None else None
         with timer.phase("update"):
             updates = self.learner.update(mini_batches)
@@ -178,14 +183,15 @@ class GRPODriver:
         if batch.epoch_finished:  # checkpoint before the epoch's end: a failure there loses no step
             state.epoch_end = {"epoch": batch.epoch, "metrics": metrics}
             self.save()
-        return self._finish_step(metrics)
+        return self._finish_step(metrics, timer)
 
-    def _finish_step(self, metrics: dict) -> dict:
+    def _finish_step(self, metrics: dict, timer: PhaseTimer | None = None) -> dict:
         """The epoch's end when the step finished one (hard set, GEPA exchange), the metrics line, the regular
         checkpoint. A resumed run whose checkpoint holds a pending epoch end starts here."""
         state = self.state
         if state.epoch_end is not None:
-            metrics = {**state.epoch_end["metrics"], **self._end_epoch(state.epoch_end["epoch"])}
+            end = self._end_epoch(state.epoch_end["epoch"], timer or PhaseTimer())
+            metrics = {**state.epoch_end["metrics"], **end}
             state.epoch_end = None
         metrics.update(self._validate(state.step))  # after the epoch's end: P²O's templates are the next epoch's
         if self.sink is not None:
@@ -195,10 +201,11 @@ class GRPODriver:
             self.save()
         return metrics
 
-    def _next_batch(self) -> StepBatch:
-        """Collective (P²O's overlap schedule may wait here for templates): the next prompts."""
+    def _next_batch(self, timer: PhaseTimer) -> StepBatch:
+        """Collective (P²O's overlap schedule may wait here for templates: phase gepa_wait): the next prompts."""
         loader = self.state.loader
-        problems, gate = self.hooks.next_problems(loader)
+        with timer.phase("gepa_wait") if self.cfg.algorithm.p2o.enabled else nullcontext():
+            problems, gate = self.hooks.next_problems(loader)
         return StepBatch(problems, epoch=loader.epoch - 1 if loader.epoch_finished else loader.epoch,
                          epoch_finished=loader.epoch_finished, gate_metrics=gate)
 
@@ -218,7 +225,7 @@ class GRPODriver:
         due = rollout.refit_check_every and self.state.step % rollout.refit_check_every == 0
         return rollout.refit_check_sequences if due else 0
 
-    def _end_epoch(self, epoch: int) -> dict:
+    def _end_epoch(self, epoch: int, timer: PhaseTimer) -> dict:
         miner = self.state.miner
         hard_ids = [row["prompt_id"] for row in miner.hard_set()]
         size = len(hard_ids)
@@ -227,8 +234,10 @@ class GRPODriver:
             self.console.print(f"epoch {epoch}: {size} hard prompts → {path}")
         miner.reset()
         metrics = {"epoch": epoch, "hard/size": size, "hard/fraction": size / max(1, len(self.problems))}
-        metrics.update(self.hooks.end_epoch(epoch, hard_ids, self.state.loader, self,
-                                            last=self.state.step >= self.total_steps))
+        # P²O's exchange (the blocking schedule's wait: p2o/learner_idle_s; this step's time/* are already taken).
+        with timer.phase("gepa_wait") if self.cfg.algorithm.p2o.enabled else nullcontext():
+            metrics.update(self.hooks.end_epoch(epoch, hard_ids, self.state.loader, self,
+                                                last=self.state.step >= self.total_steps))
         return metrics
 
     # -------------------------------------------------------------- the policy, as hooks see it (algo.hooks.Policy)
@@ -268,7 +277,8 @@ class GRPODriver:
                     if before and self.sink is not None:
                         self.sink.log(before, 0)
                 while self.state.step < self.stop_step:
-                    metrics = self.train_step()
+                    with self.profiler.step(self.state.step + 1):  # trainer.profile_steps count from 1
+                        metrics = self.train_step()
                     progress.update(task, advance=1, description=(
                         f"reward {metrics['reward/mean']:.3f} loss {metrics['actor/loss']:+.4f} "
                         f"{metrics['time/step']:.1f}s/step"))

@@ -22,19 +22,43 @@ from p2o_hpc.io_utils import atomic_write_text
 from p2o_hpc.run_dir import RunDir
 
 
+def phase_range(name: str) -> str:
+    """The profiler range of PhaseTimer.phase(name): ``phase/<name>`` (its seconds are the metric time/<name>)."""
+    return f"phase/{name}"
+
+
+_nvtx: bool | None = None  # CUDA available: asked on the first phase, not at import (a process may fork before)
+
+
 class PhaseTimer:
-    """Wall-clock seconds per named phase of one step (generate / reward / logprob / update / weight_sync …)."""
+    """Wall-clock seconds per named phase of one step (generate / reward / logprob / update / weight_sync …).
+
+    Every phase is also a named range, ``phase/<name>`` (phase_range): a torch.profiler record_function, which
+    trainer.profile_steps' traces show (p2o_hpc.trainer.profiling), and, when CUDA is available, an NVTX range,
+    which `nsys profile` shows on the GPU timeline. Without a profiler running, a phase costs only the
+    record_function call (and the NVTX push/pop on a GPU)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def phase(self, name: str):
+        import torch  # here: tools/sync_wandb.py imports this module and needs no torch
+
+        global _nvtx
+        if _nvtx is None:
+            _nvtx = torch.cuda.is_available()
+        label = phase_range(name)
         start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        with torch.profiler.record_function(label):
+            if _nvtx:
+                torch.cuda.nvtx.range_push(label)
+            try:
+                yield
+            finally:
+                if _nvtx:
+                    torch.cuda.nvtx.range_pop()
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def wandb_run_id(run_dir: RunDir) -> str:

@@ -11,7 +11,6 @@ regenerates exactly what it would have.
 from __future__ import annotations
 
 import dataclasses
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch.distributed as dist
@@ -110,19 +109,21 @@ class RolloutSide:
         of its rollouts among the batch's first `refit_sequences`, while it still holds the weights it sampled with."""
         start, stop = self._share_range(len(batch.problems))
         problems = batch.problems[start:stop]
-        started = time.perf_counter()
-        templates, rejected = self.hooks.templates_for(problems, self.algo.n_samples), 0
-        if templates is not None:
-            templates, rejected = self.engine.checked_templates(templates)
-        rollouts = self.engine.generate(problems, start, self.sampling(step, start), templates,
-                                        distill=self.hooks.distill)
-        generated = time.perf_counter()
+        timer = PhaseTimer()  # this host's phases (ranges on its timeline); a step keeps the slowest host's (_merge)
+        with timer.phase("generate"):
+            templates, rejected = self.hooks.templates_for(problems, self.algo.n_samples), 0
+            if templates is not None:
+                templates, rejected = self.engine.checked_templates(templates)
+            rollouts = self.engine.generate(problems, start, self.sampling(step, start), templates,
+                                            distill=self.hooks.distill)
         first = start * self.algo.n_samples  # the batch's rollouts are prompt-major, K per prompt
-        engine_logprobs = self._engine_response_logprobs(rollouts[:max(0, refit_sequences - first)], first)
-        checked = time.perf_counter()
-        self.engine.score(rollouts, [batch.problems[r.prompt_index].answer for r in rollouts])
-        return {"rollouts": rollouts, "generate_s": generated - started, "reward_s": time.perf_counter() - checked,
-                "templates_rejected": rejected, "engine_logprobs": engine_logprobs, "refit_s": checked - generated}
+        with timer.phase("refit_check"):
+            engine_logprobs = self._engine_response_logprobs(rollouts[:max(0, refit_sequences - first)], first)
+        with timer.phase("reward"):
+            self.engine.score(rollouts, [batch.problems[r.prompt_index].answer for r in rollouts])
+        seconds = timer.seconds
+        return {"rollouts": rollouts, "generate_s": seconds["generate"], "reward_s": seconds["reward"],
+                "templates_rejected": rejected, "engine_logprobs": engine_logprobs, "refit_s": seconds["refit_check"]}
 
     def _engine_response_logprobs(self, rollouts: list[Rollout], first: int) -> dict[int, list[float]]:
         """The engine's log-probs of each rollout's response tokens, conditioned on the prompt the learner trains on
