@@ -20,12 +20,14 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from p2o_hpc.choices import Recompute
 from p2o_hpc.megatron import cpu_compat
+from p2o_hpc.megatron.sdpa_attention import SDPAttention
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 
@@ -194,14 +196,15 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def _with_norm(spec, norm: type):
-    """The layer spec with every torch-norm module (layer norms, q/k norms) replaced by `norm`."""
-    if spec is WrappedTorchNorm:
-        return norm
+def _with_module(spec, old: type, new: type):
+    """The layer spec with every `old` module class replaced by `new` (megatron builds what the spec names)."""
+    if spec is old:
+        return new
     if isinstance(spec, ModuleSpec):
-        return dataclasses.replace(spec, submodules=_with_norm(spec.submodules, norm))
+        return dataclasses.replace(spec, module=new if spec.module is old else spec.module,
+                                   submodules=_with_module(spec.submodules, old, new))
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        return dataclasses.replace(spec, **{f.name: _with_norm(getattr(spec, f.name), norm)
+        return dataclasses.replace(spec, **{f.name: _with_module(getattr(spec, f.name), old, new)
                                             for f in dataclasses.fields(spec) if f.init})
     return spec
 
@@ -221,9 +224,12 @@ def build_gpt_model(
     if not use_te:
         spec_kwargs["normalization"] = "RMSNorm"
     spec = spec_fn(**spec_kwargs)
+    if not use_te:  # the local spec's unfused attention -> torch's fused SDPA (the same values: sdpa_attention)
+        spec = _with_module(spec, DotProductAttention, SDPAttention)
     if config.sequence_parallel and not use_te:
         spec = TransformerBlockSubmodules(
-            layer_specs=[_with_norm(spec, SequenceParallelRMSNorm)] * get_num_layers_to_build(config, vp_stage),
+            layer_specs=[_with_module(spec, WrappedTorchNorm, SequenceParallelRMSNorm)]
+            * get_num_layers_to_build(config, vp_stage),
             layer_norm=SequenceParallelRMSNorm,
         )
     tp = parallel_state.get_tensor_model_parallel_world_size()
