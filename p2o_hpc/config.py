@@ -97,7 +97,12 @@ class AlgorithmConfig:
     n_samples: int = 6  # K rollouts per prompt
     prompts_per_step: int = 128
     mini_batch_prompts: int = 64  # one optimizer step per mini-batch
-    micro_batch_size: int = 4  # sequences per forward/backward on one DP rank
+    micro_batch_size: int = 4  # sequences per forward/backward on one DP rank (when micro_batch_tokens is 0)
+    # Token-budget micro-batches (verl's use_dynamic_bsz / ppo_max_token_len_per_gpu): a DP rank's sequences, dealt
+    # to balance tokens over DP, sorted by length and cut into micro-batches of at most this many padded tokens
+    # (rows × longest, which bounds the memory also when parallel.pack_sequences); the loss is unchanged. Must hold
+    # the longest sequence, data.max_prompt_tokens + rollout.max_response_tokens. 0: micro_batch_size sequences.
+    micro_batch_tokens: int = 0
     epochs: int = 5
     max_steps: Optional[int] = None  # stop early (smoke runs, tests)
     # A prompt is hard when its success rate over the K rollouts is ≤ tau, i.e. at most floor(tau·K) successes:
@@ -248,6 +253,10 @@ class ParallelConfig:
     # Log-probs (fp32 upcast + vocab-parallel cross entropy) over chunks of this many tokens, each recomputed in
     # backward, so only the bf16 logits stay for backward; 0: the whole micro-batch at once.
     logprob_chunk_tokens: int = 0
+    # THD sequence packing: each micro-batch's sequences run through the model back to back as one row with
+    # megatron's PackedSeqParams, attention kept within each sequence (Transformer-Engine's THD attention on GPU,
+    # the local spec's SDPAttention elsewhere), so no layer computes padding; false: right-padded rows.
+    pack_sequences: bool = True
     gpu_memory_gb: float = 80.0  # per GPU: the budget plan_memory and preflight compare the estimate with
 
     @property
@@ -489,9 +498,19 @@ def _checks(cfg: RunConfig):
     yield (algo.prompts_per_step % algo.mini_batch_prompts == 0,
            f"algorithm.prompts_per_step={algo.prompts_per_step} must be a multiple of "
            f"algorithm.mini_batch_prompts={algo.mini_batch_prompts}")
-    yield ((algo.mini_batch_prompts * algo.n_samples) % (dp * algo.micro_batch_size) == 0,
-           f"a mini-batch of {algo.mini_batch_prompts}×{algo.n_samples} sequences must split into "
-           f"parallel.data={dp} × algorithm.micro_batch_size={algo.micro_batch_size} evenly")
+    yield algo.micro_batch_tokens >= 0, f"algorithm.micro_batch_tokens={algo.micro_batch_tokens} must be ≥ 0"
+    if algo.micro_batch_tokens:
+        longest = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
+        yield (algo.micro_batch_tokens >= longest,
+               f"algorithm.micro_batch_tokens={algo.micro_batch_tokens} must hold the longest sequence: "
+               f"data.max_prompt_tokens + rollout.max_response_tokens = {longest}")
+        yield (algo.mini_batch_prompts * algo.n_samples >= dp,
+               f"a mini-batch of {algo.mini_batch_prompts}×{algo.n_samples} sequences must give each of the "
+               f"parallel.data={dp} ranks one")
+    else:
+        yield ((algo.mini_batch_prompts * algo.n_samples) % (dp * algo.micro_batch_size) == 0,
+               f"a mini-batch of {algo.mini_batch_prompts}×{algo.n_samples} sequences must split into "
+               f"parallel.data={dp} × algorithm.micro_batch_size={algo.micro_batch_size} evenly")
     yield (parallel.nodes * parallel.ranks_per_node == parallel.world_size,
            f"parallel.nodes={parallel.nodes} × parallel.gpus_per_node={parallel.ranks_per_node} must equal "
            f"the world size tensor×pipeline×data = {parallel.world_size}")

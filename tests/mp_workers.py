@@ -152,3 +152,52 @@ def device_discipline_worker(hf_dir: str, out_dir: str) -> None:
               "some_equal_everywhere": all(torch.equal(some[name], everywhere[name]) for name in some),
               "export_placements": sorted({str(device_check.placement(t)) for t in some.values()})}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+MICRO_BATCHING_MODES = {"fixed": (0, False), "token_budget": (96, False), "packed": (96, True)}
+
+
+def micro_batching_worker(hf_dir: str, out_dir: str, tp: int, pp: int, sequence_parallel: bool) -> None:
+    """One GRPO update of the same rollouts (log-normal response lengths) with fixed-size micro-batches, token-budget
+    micro-batches, and token-budget packed (THD) ones, each from the same initial weights. Writes, per mode, the
+    old log-probs this rank computed (by rollout index), the update's metrics and this rank's gradients (the
+    weights after Adam's first step are no comparison: it divides each gradient by its own magnitude, so float
+    noise on a near-zero gradient moves a weight by a share of the learning rate)."""
+    from p2o_hpc.choices import ParamsDtype
+    from p2o_hpc.config import RunConfig
+    from p2o_hpc.records import Problem, Rollout, StepBatch
+    from p2o_hpc.trainer.learner_side import LearnerSide
+
+    init_megatron(tp, pp)
+    rank = dist.get_rank()
+    generator = torch.Generator().manual_seed(7)
+    lengths = (2.5 + 0.8 * torch.randn(8, generator=generator)).exp().clamp(2, 60).long().tolist()  # log-normal
+    prompt = lambda p: [FIRST_ORDINARY_TOKEN + p + i for i in range(5 + 3 * p)]  # noqa: E731
+    rollouts = [Rollout(i // 4, prompt(i // 4), torch.randint(FIRST_ORDINARY_TOKEN, 200, (lengths[i],),
+                                                              generator=generator).tolist(),
+                        None, "stop", "", reward=float(i % 3 == 0)) for i in range(8)]
+    result = {"lengths": lengths}
+    for mode, (budget, packed) in MICRO_BATCHING_MODES.items():
+        cfg = RunConfig()
+        cfg.model.params_dtype = ParamsDtype.fp32
+        cfg.algorithm = AlgorithmConfig(n_samples=4, prompts_per_step=2, mini_batch_prompts=2, micro_batch_size=2,
+                                        micro_batch_tokens=budget, lr=1e-3, warmup_ratio=0.0)
+        cfg.parallel.pack_sequences, cfg.parallel.sequence_parallel = packed, sequence_parallel
+        side = LearnerSide(cfg, hf_dir, total_steps=1)
+        batch = StepBatch([Problem(str(i), "", "", "test") for i in range(2)], epoch=0, epoch_finished=False,
+                          rollouts=rollouts)
+        batch.advantages = side.advantages(batch)
+        mini_batches = side.micro_batches(batch)
+        micro_batches = [mb for mini in mini_batches for mb in mini]
+        side.old_logprobs(micro_batches)
+        logprobs = {}
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            for mb in micro_batches:
+                for row, index in enumerate(mb["rollout_index"].tolist()):
+                    logprobs[index] = mb["old_logprobs"][row, : len(rollouts[index].sequence) - 1].tolist()
+        updates = side.update(mini_batches)
+        grads = {name: param.main_grad.clone() for name, param in side.learner.model.named_parameters()}
+        save_file(grads, str(Path(out_dir) / f"rank{rank}_{mode}.safetensors"))
+        result[mode] = {"logprobs": logprobs, "updates": updates, "rows": [len(mb["rollout_index"]) for mb in
+                                                                            micro_batches]}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))

@@ -201,6 +201,14 @@ def test_sizes_below_one_are_named(key):
         validate(to_run_config(compose(f"{key}=0")))
 
 
+def test_a_token_budget_must_hold_the_longest_sequence():
+    with pytest.raises(ValueError, match=r"algorithm.micro_batch_tokens=100 must hold the longest sequence: "
+                                         r"data.max_prompt_tokens \+ rollout.max_response_tokens = 16384"):
+        validate(to_run_config(compose("algorithm.micro_batch_tokens=100")))
+    # with a budget, micro_batch_size need not divide the mini-batch
+    validate(to_run_config(compose("algorithm.micro_batch_tokens=16384", "algorithm.micro_batch_size=5")))
+
+
 # ------------------------------------------------------------------------------ enums survive every round trip
 
 

@@ -23,16 +23,18 @@ def write_templates(run_dir, epoch: int) -> None:
     RunDir(run_dir).publish_templates(epoch, {"assignments": {prompt_id: DRAWS for prompt_id in ids}})
 
 
-@pytest.mark.parametrize(("algorithm", "parallel"), [pytest.param("p2o", "tp2", marks=pytest.mark.long),
-                                                      ("p2o", "pp2"), ("p2o_no_cd", "tp1")])
-def test_templates_are_rolled_out_and_distilled(tmp_path, algorithm, parallel):
-    """CD under TP (vocab-parallel log-probs of both prompts) and PP (they exist on the last stage only)."""
+@pytest.mark.parametrize(("algorithm", "parallel", "budget"), [pytest.param("p2o", "tp2", 0, marks=pytest.mark.long),
+                                                                ("p2o", "pp2", 1200), ("p2o_no_cd", "tp1", 0)])
+def test_templates_are_rolled_out_and_distilled(tmp_path, algorithm, parallel, budget):
+    """CD under TP (vocab-parallel log-probs of both prompts) and PP (they exist on the last stage only), with
+    packed sequences (the default) and at PP2 token-budget micro-batches."""
     run_dir = tmp_path / "run"
     write_templates(run_dir, 0)
     launch(run_dir, "experiment=smoke", f"algorithm={algorithm}", f"parallel={parallel}", "data.limit=8",
-           "algorithm.max_steps=4", "gepa.mode=off")
+           "algorithm.max_steps=4", "gepa.mode=off", f"algorithm.micro_batch_tokens={budget}")
     rows = metrics(run_dir)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert all(row["perf/padding_frac"] == 0.0 and row["perf/micro_batches"] >= 1 for row in rows)  # packed
     for row in rows[:2]:  # epoch 0: no templates yet
         assert row["p2o/templated_frac"] == 0.0 and "p2o/cd_ratio_mean" not in row
     assert rows[1]["p2o/next_epoch_assigned_prompts"] == 8

@@ -110,15 +110,6 @@ def test_steps_read_seeded_epochs_in_equal_batches():
     assert steps == step_row_indices(5, 3, 4, seed=0) != step_row_indices(5, 3, 4, seed=1)
 
 
-def test_micro_batches_are_packed_by_length_under_the_token_budget():
-    from p2o_hpc.trainer.sft import pack_by_length
-
-    lengths = [10, 50, 12, 48, 11, 200]
-    batches = pack_by_length(lengths, 100)
-    assert batches == [[5], [1, 3], [2, 4, 0]]  # the over-long row alone; similar lengths together
-    assert all(len(batch) * max(lengths[i] for i in batch) <= 100 for batch in batches[1:])
-
-
 def test_settings_errors_are_named():
     from p2o_hpc.trainer.sft import SFTSettings
 

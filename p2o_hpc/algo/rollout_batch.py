@@ -1,13 +1,25 @@
 """From completed rollouts to this rank's training micro-batches.
 
 Rollouts are ordered prompt-major (the K samples of prompt 0, then prompt 1, …). A step's prompts split into
-mini-batches (one optimizer step each); a mini-batch's sequences are dealt to the DP ranks round-robin and cut
-into micro-batches, each right-padded to its own longest sequence (megatron runs with variable sequence lengths).
+mini-batches (one optimizer step each). A mini-batch's sequences go to the DP ranks and into micro-batches, each
+right-padded to its own longest sequence (megatron runs with variable sequence lengths), in one of two ways:
+
+- fixed size (algorithm.micro_batch_size): dealt round-robin, cut in rollout order;
+- token budget (algorithm.micro_batch_tokens > 0, verl's use_dynamic_bsz): dealt longest first to the DP rank with
+  the fewest tokens so far, then sorted by length and cut into micro-batches of at most that many padded tokens
+  (rows × longest: the loss side works on this right-padded layout also when the learner packs the sequences,
+  parallel.pack_sequences, so the budget bounds its memory either way). Similar lengths share a micro-batch.
+
+Either way the loss is a sum over every token of the mini-batch divided by their global count (megatron's
+per-token loss), so how sequences are grouped changes the speed, not the gradient.
+
 Micro-batches are built on the host and moved once to `device`: the learner passes torch.cuda.current_device(),
 where the model, its log-probs and the loss live (NCCL and the GPU kernels take device tensors only).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -33,10 +45,41 @@ def mini_batch_indices(num_prompts: int, n_samples: int, prompts_per_mini_batch:
     return [list(range(start, min(start + per_mini, total))) for start in range(0, total, per_mini)]
 
 
+def pack_by_length(lengths: Sequence[int], micro_batch_tokens: int) -> list[list[int]]:
+    """Indices into `lengths`, longest first, cut into micro-batches of rows × longest ≤ micro_batch_tokens (a
+    sequence longer than the budget gets its own)."""
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= micro_batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def balance_by_tokens(indices: Sequence[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """`indices` dealt into `parts` lists of similar token sums: longest first, each to the part with the fewest
+    tokens so far (ties: the lowest part). Deterministic, so every rank computes the same split."""
+    dealt: list[list[int]] = [[] for _ in range(parts)]
+    tokens = [0] * parts
+    for index in sorted(indices, key=lambda i: (-lengths[i], i)):
+        part = min(range(parts), key=lambda p: (tokens[p], p))
+        dealt[part].append(index)
+        tokens[part] += lengths[index]
+    return dealt
+
+
+def padding_fraction(micro_batches: list[dict], *, packed: bool = False) -> float:
+    """The share of the learner's token slots that hold padding: right-padded rows, or none when packed."""
+    slots = sum(batch["input_ids"].numel() for batch in micro_batches)
+    real = sum(int(batch["seq_lengths"].sum()) for batch in micro_batches)
+    return 0.0 if packed or not slots else 1.0 - real / slots
+
+
 def collate(rollouts: list[Rollout], indices: list[int], advantages: torch.Tensor, pad_id: int,
             device=None) -> dict:
     """One right-padded micro-batch on `device` (None: the host). `rollout_index` maps rows back to the step's
-    rollouts."""
+    rollouts; `seq_lengths` are the rows' unpadded lengths (for packing them)."""
     sequences = [rollouts[i].sequence for i in indices]
     length = max(len(sequence) for sequence in sequences)
     input_ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
@@ -51,6 +94,7 @@ def collate(rollouts: list[Rollout], indices: list[int], advantages: torch.Tenso
         "response_mask": response_mask,
         "advantages": advantages[indices].float(),
         "rollout_index": torch.tensor(indices),
+        "seq_lengths": torch.tensor([len(sequence) for sequence in sequences]),
     }
     return batch if device is None else {key: value.to(device) for key, value in batch.items()}
 
@@ -64,10 +108,16 @@ def rank_micro_batches(
     dp_size: int,
     micro_batch_size: int,
     pad_id: int,
+    micro_batch_tokens: int = 0,
     device=None,
 ) -> list[dict]:
     """This DP rank's micro-batches of one mini-batch on `device` (every TP/PP rank of the DP group builds the same
-    ones)."""
+    ones): by token budget when `micro_batch_tokens` > 0, else of `micro_batch_size` sequences."""
+    if micro_batch_tokens > 0:
+        lengths = {i: len(rollouts[i].sequence) for i in mini_batch}
+        mine = balance_by_tokens(mini_batch, lengths, dp_size)[dp_rank]
+        groups = pack_by_length([lengths[i] for i in mine], micro_batch_tokens)
+        return [collate(rollouts, [mine[j] for j in group], advantages, pad_id, device) for group in groups]
     mine = mini_batch[dp_rank::dp_size]
     if len(mine) % micro_batch_size:
         raise ValueError(
@@ -89,7 +139,9 @@ def generation_micro_batch(rollouts: list[Rollout], batch: dict, pad_id: int) ->
     input_ids = torch.full((len(indices), max(map(len, sequences))), pad_id, dtype=torch.long)
     for row, sequence in enumerate(sequences):
         input_ids[row, : len(sequence)] = torch.tensor(sequence)
-    return {"input_ids": input_ids.to(batch["input_ids"].device), "rollout_index": batch["rollout_index"]}
+    device = batch["input_ids"].device
+    return {"input_ids": input_ids.to(device), "rollout_index": batch["rollout_index"],
+            "seq_lengths": torch.tensor([len(sequence) for sequence in sequences]).to(device)}
 
 
 def response_slice(rollout: Rollout, generation: bool = False) -> slice:

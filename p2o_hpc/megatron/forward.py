@@ -2,16 +2,24 @@
 
 Micro-batches are dicts with right-padded ``input_ids`` [batch, seq] (GPTModel's RoPE ignores position ids and
 counts from 0, so left padding would shift positions). Results appear on the last pipeline stage only.
+
+Packed (``pack=True``, parallel.pack_sequences): the model sees each micro-batch's sequences back to back as one
+row with megatron's PackedSeqParams (THD; ``seq_lengths`` says where each ends), so no layer computes padding;
+the last stage's logits are scattered back to the right-padded [batch, seq] layout, and everything downstream
+(log-probs, losses, masks) is the same code for both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.utils import get_attr_wrapped_model
 
 
 def mask_padded_vocab(logits_shard: torch.Tensor, vocab_size: int, *, inplace: bool = False) -> torch.Tensor:
@@ -79,24 +87,74 @@ def next_token_logprobs(logits_shard: torch.Tensor, input_ids: torch.Tensor, voc
     return token_logprobs(logits_shard[:, :-1], input_ids[:, 1:], vocab_size, chunk_tokens)
 
 
+@dataclasses.dataclass
+class PackedBatch:
+    """A right-padded micro-batch's sequences back to back: `input_ids` [1, tokens] and the PackedSeqParams
+    (THD) that keep attention and RoPE within each sequence; `unpack` scatters per-token outputs back."""
+
+    input_ids: torch.Tensor
+    params: PackedSeqParams
+    rows: torch.Tensor
+    columns: torch.Tensor
+    shape: tuple[int, int]
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """[1, tokens, ...] -> [batch, seq, ...], zeros where the padded layout has padding."""
+        values = packed[0, : self.rows.numel()]
+        padded = values.new_zeros((*self.shape, *values.shape[1:]))
+        return padded.index_put((self.rows, self.columns), values)
+
+
+def pack_micro_batch(input_ids: torch.Tensor, seq_lengths: torch.Tensor, multiple: int = 1) -> PackedBatch:
+    """`multiple`: the packed length is rounded up to it (sequence parallelism splits tokens evenly over the TP
+    ranks); the extra tokens extend the last sequence, after every real token, so causal attention ignores them."""
+    lengths = seq_lengths.tolist()
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=input_ids.device), seq_lengths)
+    columns = torch.cat([torch.arange(length, device=input_ids.device) for length in lengths])
+    tokens = input_ids[rows, columns]
+    extra = -len(tokens) % multiple
+    if extra:
+        tokens = torch.cat([tokens, tokens.new_zeros(extra)])
+        lengths = [*lengths[:-1], lengths[-1] + extra]
+    bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(input_ids.device)
+    longest = max(lengths)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, max_seqlen_q=longest,
+                             max_seqlen_kv=longest)
+    return PackedBatch(tokens[None], params, rows, columns, tuple(input_ids.shape))
+
+
 def run_schedule(
     model,
     micro_batches: list[dict[str, torch.Tensor]],
     on_output: Callable[[dict[str, torch.Tensor], torch.Tensor], tuple],
     *,
     forward_only: bool,
+    pack: bool = False,
 ) -> list:
     """Drive megatron's schedule (no-pipelining, 1F1B, interleaved: megatron picks) over the micro-batches, whose
     tensors are on torch.cuda.current_device() (moved once where they are built, not here per pass).
 
     `on_output(batch, logits_shard)` runs on the last stage and returns what megatron's loss function returns:
     `(loss, reported)` or `(summed_loss, num_tokens, reported)`. Returns the `reported` items (last stage only).
+    `pack`: THD sequence packing (the module docstring) by each micro-batch's `seq_lengths` (absent: whole rows).
     """
     models = model if isinstance(model, list) else [model]
 
     def forward_step(data_iterator, module):
         batch = next(data_iterator)
-        logits = module(batch["input_ids"], None, None)
+        if not pack:
+            logits = module(batch["input_ids"], None, None)
+        else:
+            sp = get_attr_wrapped_model(module, "config").sequence_parallel
+            input_ids = batch["input_ids"]
+            lengths = batch.get("seq_lengths")
+            if lengths is None:  # no lengths: every row is whole
+                lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+            packed = pack_micro_batch(input_ids, lengths,
+                                      parallel_state.get_tensor_model_parallel_world_size() if sp else 1)
+            logits = module(packed.input_ids, None, None, packed_seq_params=packed.params)
+            if get_attr_wrapped_model(module, "post_process"):
+                logits = packed.unpack(logits)
         return logits, lambda output, batch=batch: on_output(batch, output)
 
     return get_forward_backward_func()(
@@ -114,8 +172,11 @@ def forward_collect(
     model,
     micro_batches: list[dict[str, torch.Tensor]],
     collect: Callable[[dict[str, torch.Tensor], torch.Tensor], dict],
+    *,
+    pack: bool = False,
 ) -> list[dict]:
-    """Run the forward schedule (no grad) over all micro-batches; `collect(batch, logits_shard)` on the last stage.
+    """Run the forward schedule (no grad) over all micro-batches; `collect(batch, logits_shard)` on the last stage
+    (`pack`: as run_schedule).
 
     Returns one dict per micro-batch on the last pipeline stage, an empty list on the others.
     """
@@ -123,6 +184,7 @@ def forward_collect(
         module.eval()
     with torch.no_grad():
         results = run_schedule(
-            model, micro_batches, lambda batch, output: (torch.zeros(()), collect(batch, output)), forward_only=True
+            model, micro_batches, lambda batch, output: (torch.zeros(()), collect(batch, output)), forward_only=True,
+            pack=pack,
         )
     return results if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else []

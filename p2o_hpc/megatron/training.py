@@ -48,6 +48,7 @@ class Learner:
     optimizer: object
     scheduler: OptimizerParamScheduler
     step: int = 0
+    pack_sequences: bool = False  # THD packing of each micro-batch (forward.run_schedule's `pack`)
 
 
 def uses_torch_adamw_fallback() -> bool:
@@ -58,9 +59,10 @@ def uses_torch_adamw_fallback() -> bool:
 
 
 def memory_settings(parallel: ParallelConfig) -> dict:
-    """build_learner's keyword arguments from parallel.*'s memory keys (the same names)."""
+    """build_learner's keyword arguments from parallel.*'s memory and packing keys (the same names)."""
     return {key: getattr(parallel, key) for key in ("use_distributed_optimizer", "grad_reduce_in_fp32",
-                                                    "sequence_parallel", "recompute", "recompute_num_layers")}
+                                                    "sequence_parallel", "recompute", "recompute_num_layers",
+                                                    "pack_sequences")}
 
 
 def build_learner(
@@ -75,11 +77,12 @@ def build_learner(
     sequence_parallel: bool = False,
     recompute: Recompute | str = Recompute.none,
     recompute_num_layers: int = 1,
+    pack_sequences: bool = False,
 ) -> Learner:
     """parallel_state must be initialised; weights come from `hf_dir` (or stay at megatron's init if None).
 
     The optimizer is algorithm.* (lr, weight_decay, clip_grad, lr_decay_style) over `schedule`; the keyword
-    arguments are parallel.*'s memory keys (`memory_settings(cfg.parallel)`)."""
+    arguments are parallel.*'s memory and packing keys (`memory_settings(cfg.parallel)`)."""
     if use_distributed_optimizer and uses_torch_adamw_fallback():
         raise ValueError(
             "parallel.use_distributed_optimizer=True needs Transformer-Engine's or Apex's FusedAdam: megatron's "
@@ -128,7 +131,7 @@ def build_learner(
         wd_incr_steps=max(schedule.total_steps, 1),
         wd_incr_style="constant",
     )
-    return Learner(arch=arch, model=model, optimizer=optimizer, scheduler=scheduler)
+    return Learner(arch=arch, model=model, optimizer=optimizer, scheduler=scheduler, pack_sequences=pack_sequences)
 
 
 def token_nll_loss(arch: HFArchitecture, logprob_chunk_tokens: int = 0) -> LossFn:
@@ -160,7 +163,7 @@ def train_step(learner: Learner, micro_batches: list[dict[str, torch.Tensor]], l
         reported = torch.stack([summed.detach(), tokens.float(), *(extra[k].detach().float() for k in metric_names)])
         return summed, tokens.detach().to(torch.int), {"loss": reported}
 
-    losses = run_schedule(learner.model, micro_batches, on_output, forward_only=False)
+    losses = run_schedule(learner.model, micro_batches, on_output, forward_only=False, pack=learner.pack_sequences)
     update_ok, grad_norm, _ = learner.optimizer.step()
     learner.scheduler.step(increment=1)
     learner.step += 1

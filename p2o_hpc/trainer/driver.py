@@ -176,7 +176,8 @@ class GRPODriver:
                 state.pending = self.rollouts.finish_ahead(upcoming, ahead)
 
         metrics = step_metrics(batch, updates, timer.seconds, k=algo.n_samples, kl=algo.kl_coef > 0)
-        metrics.update({**refit, **distillation, **self.hooks.step_metrics(batch), **batch.gate_metrics})
+        metrics.update({**refit, **distillation, **self.hooks.step_metrics(batch), **batch.gate_metrics,
+                        **self.learner.batching_metrics(micro_batches)})
         metrics["time/step"] = time.perf_counter() - started
         state.step += 1
         state.miner.add_batch(batch)

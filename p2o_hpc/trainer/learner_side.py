@@ -10,8 +10,8 @@ from megatron.core import parallel_state
 
 from p2o_hpc.algo.core_algos import get_advantage_estimator
 from p2o_hpc.algo.policy_loss import make_policy_loss_fn
-from p2o_hpc.algo.rollout_batch import PAD_ID, group_ids, mini_batch_indices, rank_micro_batches, response_slice, \
-    rewards_tensor
+from p2o_hpc.algo.rollout_batch import PAD_ID, group_ids, mini_batch_indices, padding_fraction, rank_micro_batches, \
+    response_slice, rewards_tensor
 from p2o_hpc.megatron.distributed import control_group
 from p2o_hpc.megatron.forward import forward_collect, next_token_logprobs
 from p2o_hpc.megatron.hf_weights import export_hf_weights, load_hf_weights, save_hf_folder
@@ -94,8 +94,15 @@ class LearnerSide:
         dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         return [rank_micro_batches(batch.rollouts, batch.advantages, indices, dp_rank=dp_rank, dp_size=dp_size,
                                    micro_batch_size=self.algo.micro_batch_size, pad_id=PAD_ID,
+                                   micro_batch_tokens=self.algo.micro_batch_tokens,
                                    device=torch.cuda.current_device())
                 for indices in mini_batch_indices(len(batch.problems), self.algo.n_samples, self.algo.mini_batch_prompts)]
+
+    def batching_metrics(self, micro_batches: list[dict]) -> dict:
+        """This DP rank's micro-batches of the step: how many, and the share of the layers' token slots that hold
+        padding (0 when packed)."""
+        return {"perf/micro_batches": len(micro_batches),
+                "perf/padding_frac": padding_fraction(micro_batches, packed=self.learner.pack_sequences)}
 
     def logprobs(self, micro_batches: list[dict], key: str, model=None) -> None:
         """Attach `key` = the model's next-token log-probs to each micro-batch (on the last pipeline stage)."""
@@ -103,6 +110,7 @@ class LearnerSide:
             model or self.learner.model, micro_batches,
             lambda batch, logits: {"logprobs": next_token_logprobs(logits, batch["input_ids"], self.arch.vocab_size,
                                                                    self.chunk_tokens)},
+            pack=self.learner.pack_sequences,
         )
         for batch, result in zip(micro_batches, results):
             batch[key] = result["logprobs"]

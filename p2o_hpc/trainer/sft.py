@@ -35,7 +35,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from p2o_hpc.algo.policy_loss import make_policy_loss_fn
-from p2o_hpc.algo.rollout_batch import PAD_ID
+from p2o_hpc.algo.rollout_batch import PAD_ID, pack_by_length
 from p2o_hpc.choices import LossAgg, LRDecayStyle, ParamsDtype, PolicyLoss
 from p2o_hpc.config import AlgorithmConfig
 from p2o_hpc.io_utils import fsync_dir
@@ -160,18 +160,6 @@ def step_row_indices(num_rows: int, global_batch_rows: int, steps: int, seed: in
     while len(stream) < steps * global_batch_rows:
         stream.extend(torch.randperm(num_rows, generator=generator).tolist())
     return [stream[step * global_batch_rows:(step + 1) * global_batch_rows] for step in range(steps)]
-
-
-def pack_by_length(lengths: Sequence[int], micro_batch_tokens: int) -> list[list[int]]:
-    """Indices into `lengths`, longest first, cut into micro-batches of rows × longest ≤ micro_batch_tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for index in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= micro_batch_tokens:
-            batches[-1].append(index)
-        else:
-            batches.append([index])
-    return batches
 
 
 def padded(rows: Sequence[TokenizedRow]) -> dict[str, torch.Tensor]:
