@@ -4,6 +4,7 @@ matches what the built learner holds; bad combinations name their key."""
 from __future__ import annotations
 
 import json
+import math
 import runpy
 from pathlib import Path
 
@@ -23,6 +24,10 @@ MEMORY_VARIANTS = {
     "sequence_parallel": {"sequence_parallel": True},
     "logprob_chunks": {"logprob_chunk_tokens": 7},
     "all": {"sequence_parallel": True, "recompute": "full", "recompute_num_layers": 1, "logprob_chunk_tokens": 5},
+    # THD packing (every row full, so the loss matches): SDPAttention per sequence, logits scattered back.
+    "packed": {"pack_sequences": True},
+    "packed_sp_selective_chunks": {"pack_sequences": True, "sequence_parallel": True, "recompute": "selective",
+                                   "logprob_chunk_tokens": 5},
 }
 
 
@@ -47,8 +52,8 @@ def memory_variants_worker(hf_dir: str, out_dir: str) -> None:
     init_megatron(2, 1)
     arch = read_hf_architecture(hf_dir)
     generator = torch.Generator().manual_seed(0)
-    micro_batches = [{"input_ids": torch.randint(3, arch.vocab_size, (2, length), generator=generator)}
-                     for length in (23, 17)]
+    micro_batches = [{"input_ids": torch.randint(3, arch.vocab_size, (2, length), generator=generator),
+                      "seq_lengths": torch.tensor([length, length])} for length in (23, 17)]
     measured_ids = torch.randint(3, arch.vocab_size, (2, MEASURED_SEQ), generator=generator)
     bench = runpy.run_path(str(BENCH))
     results = {}
@@ -88,8 +93,9 @@ def test_memory_keys_leave_the_train_step_unchanged_at_tp2(tiny_model_dir, tmp_p
         assert results[name]["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5, abs=1e-6), name
         assert results[name]["norm_grad_norm"] == pytest.approx(plain["norm_grad_norm"], rel=1e-5), name
     assert results["logprob_chunk_max_diff"] <= 1e-6
-    # The estimator against the built learners (fp32, local spec, TP2): the static tensors exactly but for
-    # megatron's padding, what autograd saves within 2 % (tools/bench_memory_plan.py has the wider table).
+    # The estimator against the built learners (fp32, local spec with SDPAttention, TP2, packed or not): the static
+    # tensors exactly but for megatron's padding, what autograd saves within 2 % (tools/bench_memory_plan.py has
+    # the wider table).
     bench = runpy.run_path(str(BENCH))
     shape = read_model_shape(tiny_model_dir)
     for name, settings in MEMORY_VARIANTS.items():
@@ -99,6 +105,9 @@ def test_memory_keys_leave_the_train_step_unchanged_at_tp2(tiny_model_dir, tmp_p
             assert case[key] == pytest.approx(estimate[key], rel=0.01), (name, key)
         assert case["saved"] == pytest.approx(estimate["saved"], rel=0.02), name
     assert results["recompute_full"]["memory"]["saved"] < 0.3 * results["plain"]["memory"]["saved"]
+    # Packed, SDPAttention keeps each sequence's output beside their concatenation (linear_proj's input) and
+    # RoPE's cos/sin per token: a little more than right-padded rows of the same tokens, not less.
+    assert results["packed"]["memory"]["saved"] > results["plain"]["memory"]["saved"]
 
 
 # ----------------------------------------------------------------------------------- the estimate and the presets
@@ -141,6 +150,49 @@ def test_the_paper_preset_fits_8x80gb_and_the_tp1_layout_does_not():
     preset.algorithm.one_step_off_policy = True
     assert estimate(shape, preset).fits
     assert 100 < host_memory_gb_per_node(shape, preset) < 400  # 8 engines' offloaded weights and processes
+
+
+def test_a_token_budget_sizes_the_worst_micro_batch_and_the_1f1b_bound():
+    """algorithm.micro_batch_tokens: the worst case is rows × longest ≤ budget; a budget of one longest sequence
+    is micro_batch_size=1's peak; packing counts the layers' logits and their padded scatter together."""
+    from p2o_hpc.megatron.memory_plan import KNOWN_SHAPES, Layout, activation_bytes, describe, estimate, suggestions
+
+    shape = KNOWN_SHAPES["Qwen/Qwen3-4B"]
+    one = _compose("experiment=paper_p2o")
+    longest = one.data.max_prompt_tokens + one.rollout.max_response_tokens
+    budget = _compose("experiment=paper_p2o", f"algorithm.micro_batch_tokens={longest}")
+    validate(budget)
+    assert Layout.of(budget).padded_shape == (1, longest) == Layout.of(one).padded_shape
+    assert estimate(shape, budget).worst.peak == estimate(shape, one).worst.peak
+    assert f"micro_batch_tokens={longest}" in describe(estimate(shape, budget))
+    # Twice the budget: two rows of the longest, activations and logits twice one row's.
+    double = Layout.of(_compose("experiment=paper_p2o", f"algorithm.micro_batch_tokens={2 * longest}"))
+    assert double.padded_shape == (2, longest)
+    single = activation_bytes(shape, Layout.of(budget), "te", 0)
+    assert activation_bytes(shape, double, "te", 0)["layers"] == pytest.approx(2 * single["layers"], rel=0.01)
+    # Not a multiple of the longest: the rows shrink so that rows × longest stays within the budget.
+    odd = Layout.of(_compose("experiment=paper_p2o", f"algorithm.micro_batch_tokens={longest * 3 // 2}"))
+    rows, length = odd.padded_shape
+    assert rows == 2 and rows * length <= longest * 3 // 2 and length < longest
+    # 1F1B's in-flight bound: budget-sized micro-batches of a DP rank's worst-case tokens (every sequence the
+    # longest, one above the mean), never more than its sequences; the fixed count stays exact.
+    sequences = one.algorithm.mini_batch_prompts * one.algorithm.n_samples
+    assert Layout.of(one).micro_batches == sequences // one.parallel.data
+    assert Layout.of(budget).micro_batches == math.ceil((sequences - 1) / one.parallel.data + 1)
+    assert double.micro_batches == math.ceil(((sequences - 1) / one.parallel.data + 1) / 2)
+    # Packed vs right-padded (the same worst case, chunked log-probs): the layers see the same tokens, the
+    # logits' peak is the packed logits, the zeros and the scatter at once (3 copies), not 2 copies and a chunk.
+    padded = Layout.of(_compose("experiment=paper_p2o", "parallel.pack_sequences=false"))
+    packed_parts = activation_bytes(shape, Layout.of(one), "te", 0)
+    padded_parts = activation_bytes(shape, padded, "te", 0)
+    assert packed_parts["layers"] == padded_parts["layers"]
+    logits = 2 * longest * shape.padded_vocab_size(2) // 2
+    assert packed_parts["logits_peak"] == 3 * logits > padded_parts["logits_peak"] > 2 * logits
+    # Too big a budget: the hint is a smaller budget, not micro_batch_size=1.
+    big = _compose("experiment=paper_p2o", f"algorithm.micro_batch_tokens={16 * longest}", "parallel.recompute=none")
+    hints = suggestions(estimate(shape, big))
+    assert any(hint.startswith("algorithm.micro_batch_tokens smaller") for hint in hints)
+    assert not any("micro_batch_size" in hint for hint in hints)
 
 
 def test_plan_memory_tool_exits_by_the_verdict(capsys):

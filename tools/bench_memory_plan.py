@@ -2,12 +2,15 @@
 
     .venv/bin/python tools/bench_memory_plan.py [--model tiny|testbed|DIR] [--batch 2] [--seq 96]
 
-For each layout (TP1 and TP2, fp32 and bf16, recomputation, sequence parallelism, log-prob chunks) it builds the
+For each layout (TP1 and TP2, fp32 and bf16, recomputation, sequence parallelism, log-prob chunks, THD packing:
+parallel.pack_sequences, every row full as in the estimate's worst case) it builds the
 learner, runs one train step (so Adam has its state) and compares the estimate with exact sums over the built
 objects: parameter bytes, the DDP grad buffers, the optimizer's tensors (fp32 master copies, Adam m and v). Then it
 runs the forward of one micro-batch and its log-probs under `torch.autograd.graph.saved_tensors_hooks` and sums the
 unique storages autograd keeps for backward (parameters excluded) against the estimate of what stays saved
-(layers, embedding, final norm, log-probs). Ratios are measured / estimated. The TE spec (GPU) is not measured here.
+(layers, embedding, final norm, log-probs; packed: the scatter back to the padded logits too). Ratios are
+measured / estimated. The local spec's core attention is sdpa_attention.SDPAttention (torch's fused SDPA); the TE
+spec (GPU) is not measured here.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ CASES = [
     ("bf16 SP", 2, "bf16", {"sequence_parallel": True}),
     ("bf16 SP full/1 chunks of 64", 2, "bf16",
      {"sequence_parallel": True, "recompute": "full", "recompute_num_layers": 1, "logprob_chunk_tokens": 64}),
+    ("bf16 packed", 1, "bf16", {"pack_sequences": True}),
+    ("bf16 packed selective chunks of 64", 1, "bf16",
+     {"pack_sequences": True, "recompute": "selective", "logprob_chunk_tokens": 64}),
+    ("bf16 SP packed", 2, "bf16", {"sequence_parallel": True, "pack_sequences": True}),
 ]
 
 
@@ -64,10 +71,13 @@ def measure_static(learner) -> dict[str, int]:
 
 def measure_saved(learner, input_ids, vocab_size: int, chunk_tokens: int = 0) -> int:
     """Bytes of the unique storages autograd saves for backward during one micro-batch's forward and log-probs
-    (training mode), parameters and their buffers left out."""
+    (training mode), parameters and their buffers left out. A learner with pack_sequences runs the micro-batch
+    packed (THD, every row full) as forward.run_schedule does, logits scattered back to [batch, seq]."""
     import torch
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_attr_wrapped_model
 
-    from p2o_hpc.megatron.forward import next_token_logprobs
+    from p2o_hpc.megatron.forward import next_token_logprobs, pack_micro_batch
 
     model = learner.model
     excluded = {param.untyped_storage().data_ptr() for param in model.parameters()}
@@ -81,7 +91,14 @@ def measure_saved(learner, input_ids, vocab_size: int, chunk_tokens: int = 0) ->
 
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        logits = model(input_ids, None, None)
+        if learner.pack_sequences:
+            sp = get_attr_wrapped_model(model, "config").sequence_parallel
+            multiple = parallel_state.get_tensor_model_parallel_world_size() if sp else 1
+            lengths = torch.full((input_ids.shape[0],), input_ids.shape[1])
+            packed = pack_micro_batch(input_ids, lengths, multiple)
+            logits = packed.unpack(model(packed.input_ids, None, None, packed_seq_params=packed.params))
+        else:
+            logits = model(input_ids, None, None)
         loss = next_token_logprobs(logits, input_ids, vocab_size, chunk_tokens).sum()
     loss.backward()  # frees what was saved (and checks it was enough)
     model.zero_grad_buffer()
@@ -109,7 +126,8 @@ def worker(hf_dir: str, tp: int, batch: int, seq: int, out_dir: str) -> None:
         chunk = settings.get("logprob_chunk_tokens", 0)  # the loss's, not the learner's
         learner = build_learner(arch, hf_dir, AlgorithmConfig(), LRSchedule(0, 10), dtypes[dtype],
                                 **{key: value for key, value in settings.items() if key != "logprob_chunk_tokens"})
-        train_step(learner, [{"input_ids": input_ids}], token_nll_loss(arch, chunk))
+        seq_lengths = torch.full((batch,), seq)
+        train_step(learner, [{"input_ids": input_ids, "seq_lengths": seq_lengths}], token_nll_loss(arch, chunk))
         results.append({"name": name, "tp": tp, "dtype": dtype, "settings": settings,
                         **measure_static(learner), "saved": measure_saved(learner, input_ids, arch.vocab_size, chunk)})
     if dist.get_rank() == 0:
@@ -126,7 +144,8 @@ def estimated(shape, case: dict, batch: int, seq: int) -> dict[str, int]:
                     recompute=Recompute(settings.get("recompute", "none")),
                     recompute_num_layers=settings.get("recompute_num_layers", 1), distributed_optimizer=False,
                     grad_reduce_in_fp32=True, logprob_chunk_tokens=settings.get("logprob_chunk_tokens", 0),
-                    param_bytes=DTYPE_BYTES[case["dtype"]], micro_batch_size=batch, seq_len=seq, micro_batches=1)
+                    param_bytes=DTYPE_BYTES[case["dtype"]], micro_batch_size=batch, seq_len=seq, micro_batches=1,
+                    pack_sequences=settings.get("pack_sequences", False))
     parts = activation_bytes(shape, layout, "local", stage=0)
     return {**static_bytes(shape, layout, 0),
             "saved": parts["layers"] + parts["embedding"] + parts["final_norm"] + parts["logprobs"]}

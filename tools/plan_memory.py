@@ -7,8 +7,9 @@
 
 Overrides are the launcher's (Hydra); the model's shape comes from its config.json (model.path: a folder, tiny,
 testbed, a hub name in the local HF cache or one the estimator knows offline). Activations are sized for the worst
-case micro-batch, micro_batch_size × (max_prompt_tokens + max_response_tokens). Exit status 1 when it does not
-fit parallel.gpu_memory_gb.
+case micro-batch, micro_batch_size × (max_prompt_tokens + max_response_tokens), or with algorithm.micro_batch_tokens
+one of that many padded tokens (rows × longest), packed or not as parallel.pack_sequences says. Exit status 1 when
+it does not fit parallel.gpu_memory_gb.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a run dir: plan its saved config.yaml (overrides are not applied)")
     parser.add_argument("--spec", choices=("te", "local"), default="te",
-                        help="te: GPUs with Transformer-Engine (flash attention); local: megatron's own modules")
+                        help="te: GPUs with Transformer-Engine (flash attention); local: megatron's own modules "
+                             "with torch's fused SDPA")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=paper_p2o parallel.tensor=4")
     args = parser.parse_args(argv)
     if args.run:

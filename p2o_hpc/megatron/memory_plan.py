@@ -9,11 +9,15 @@ against a built learner (local spec on CPU: exact per-layer accounting of what a
 What is counted (bytes per GPU, for the GPU of each pipeline stage):
 - static: parameters (params_dtype), megatron DDP's grad buffer (fp32 with parallel.grad_reduce_in_fp32), the
   optimizer (Adam m, v in fp32, plus fp32 master weights for bf16/fp16 params; ÷ DP with the distributed optimizer).
-- activations of one micro-batch of the worst case, micro_batch_size × (max_prompt_tokens + max_response_tokens),
-  per transformer layer as megatron-core's modules save them for backward (TE spec: fused norm+linear, flash
-  attention; local spec: torch norms, unfused attention with its [b, heads, s, s] scores), with TP, sequence
-  parallelism and recomputation; 1F1B keeps up to PP micro-batches in flight on the first stage.
-- logits [tokens, vocab/TP] in params_dtype and the log-prob working set (fp32 copy + softmax, or a chunk of it).
+- activations of one micro-batch of the worst case: micro_batch_size sequences of the longest length (max prompt
+  + max response), or with a token budget (algorithm.micro_batch_tokens) a micro-batch of that many padded tokens
+  (rows × longest); per transformer layer as megatron-core's modules save them for backward (TE spec: fused
+  norm+linear, flash attention; local spec: torch norms, torch's fused SDPA as sdpa_attention.SDPAttention — both
+  keep q, k, v, the output and the log-sum-exp, no [b, heads, s, s] scores), with TP, sequence parallelism and
+  recomputation; with THD packing (parallel.pack_sequences) the layers see the micro-batch's tokens as one row,
+  attention per sequence; 1F1B keeps up to PP micro-batches in flight on the first stage.
+- logits [tokens, vocab/TP] in params_dtype and the log-prob working set (fp32 copy + softmax, or a chunk of it);
+  packed, the layers' logits and their scatter to the right-padded layout the loss reads, for a moment both.
 - the vLLM engine: gpu_memory_utilization × GPU memory when awake (generation; also during the update with
   one-step off-policy or without sleep mode), a residual when asleep (level 1: weights go to host RAM).
 Constants that are assumptions, not arithmetic, are named below with what they stand for.
@@ -136,9 +140,31 @@ class Layout:
     grad_reduce_in_fp32: bool
     logprob_chunk_tokens: int
     param_bytes: int
-    micro_batch_size: int
+    micro_batch_size: int  # sequences per micro-batch (when micro_batch_tokens is 0)
     seq_len: int  # the worst case: longest prompt (+ template without CD) + longest response
-    micro_batches: int  # per mini-batch on one DP rank
+    micro_batches: int  # per mini-batch on one DP rank (with a token budget: a bound for 1F1B, see `of`)
+    micro_batch_tokens: int = 0  # algorithm.micro_batch_tokens: padded tokens (rows × longest) per micro-batch
+    pack_sequences: bool = False  # parallel.pack_sequences: THD packing, the layers see the real tokens only
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        """(rows, longest) of the worst-case micro-batch, right-padded as the loss sees it. With a token budget:
+        rows × longest ≤ budget (rollout_batch.pack_by_length; a sequence longer than the budget gets a micro-batch
+        of its own), rows of equal length filling it; ceil(budget / seq_len) rows of budget // rows tokens each
+        (budget = seq_len: one longest sequence; a larger budget: more, shorter rows, up to the budget)."""
+        if self.micro_batch_tokens <= 0:
+            return self.micro_batch_size, self.seq_len
+        budget = max(self.micro_batch_tokens, self.seq_len)
+        rows = math.ceil(budget / self.seq_len)
+        return rows, budget // rows
+
+    def layer_tokens(self, batch: int, seq: int) -> int:
+        """Tokens the layers see for a right-padded [batch, seq] micro-batch: all of them, or packed the real ones
+        (the worst case: no padding), rounded up to a multiple of TP with sequence parallelism (forward.py)."""
+        tokens = batch * seq
+        if self.pack_sequences and self.sequence_parallel:
+            tokens += -tokens % self.tp
+        return tokens
 
     @classmethod
     def of(cls, cfg: RunConfig) -> "Layout":
@@ -146,6 +172,18 @@ class Layout:
         seq = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
         if algo.p2o.enabled and not algo.p2o.context_distillation:  # trains on the templated prompt x̃
             seq += algo.p2o.template_max_tokens
+        sequences = algo.mini_batch_prompts * algo.n_samples  # per mini-batch, all DP ranks
+        if algo.micro_batch_tokens > 0:
+            # The count of budget micro-batches depends on the lengths (next-fit by length can leave them part-full,
+            # up to one per sequence), but what 1F1B holds does not grow with it: k micro-batches in flight hold at
+            # most min(k × budget, the rank's tokens) tokens. So this counts budget-sized micro-batches: ceil(the
+            # rank's tokens in the worst case / budget), every sequence the longest; balance_by_tokens (longest
+            # first to the lightest rank) leaves a rank at most one sequence above the mean, (n − 1) / DP + 1
+            # sequences' worth. It is at most that many sequences (budget ≥ the longest); fixed counts are exact.
+            rank_tokens = ((sequences - 1) / parallel.data + 1) * seq
+            micro_batches = math.ceil(rank_tokens / max(algo.micro_batch_tokens, seq))
+        else:
+            micro_batches = sequences // (parallel.data * algo.micro_batch_size)
         return cls(
             tp=parallel.tensor, pp=parallel.pipeline, dp=parallel.data,
             sequence_parallel=parallel.sequence_parallel, recompute=Recompute(parallel.recompute),
@@ -153,8 +191,8 @@ class Layout:
             distributed_optimizer=parallel.use_distributed_optimizer,
             grad_reduce_in_fp32=parallel.grad_reduce_in_fp32, logprob_chunk_tokens=parallel.logprob_chunk_tokens,
             param_bytes=DTYPE_BYTES[str(cfg.model.params_dtype)], micro_batch_size=algo.micro_batch_size,
-            seq_len=seq,
-            micro_batches=max(1, algo.mini_batch_prompts * algo.n_samples // (parallel.data * algo.micro_batch_size)),
+            seq_len=seq, micro_batches=max(1, micro_batches), micro_batch_tokens=algo.micro_batch_tokens,
+            pack_sequences=parallel.pack_sequences,
         )
 
 
@@ -172,61 +210,54 @@ def static_bytes(shape: ModelShape, layout: Layout, stage: int) -> dict[str, int
             "optimizer": optimizer}
 
 
-def layer_activation_bytes(shape: ModelShape, layout: Layout, spec: str, batch: int, seq: int) -> dict[str, int]:
+def layer_activation_bytes(shape: ModelShape, layout: Layout, spec: str, batch: int, seq: int, *,
+                           packed: bool = False) -> dict[str, int]:
     """What one transformer layer saves for backward for one micro-batch [batch, seq], by part, without
-    recomputation (the parts selective recomputation drops are under "core_attention").
+    recomputation (the parts selective recomputation drops are under "core_attention"). `packed`: THD, the
+    caller passes batch 1 and seq = the packed tokens (RoPE's cos and sin are then per token, as here).
 
-    spec "te": TE layers (fused norm+linear saving its input, normed output and rsigma; TE norms for q/k; flash
-    attention saving q, k, v, output and the log-sum-exp). spec "local": megatron's own modules (torch RMSNorm
-    saving fp32 input, normed and rstd; unfused attention with GQA-repeated k/v and the [b, heads, s, s] scores
-    in fp32 and params_dtype). Both: megatron's SwiGLU (fc1 output, silu, the linear half, their product)."""
+    Both specs: q, k after RoPE (new tensors) and v (a view of linear_qkv's output, so that output stays) are what
+    flash attention keeps, with its output (= linear_proj's input) and the log-sum-exp [b, heads, s] in fp32;
+    GQA without repeating k and v. spec "te": TE layers (fused norm+linear saving its input, normed output and
+    rsigma; TE norms for q/k), flash attention from TE. spec "local": megatron's own modules (torch RMSNorm saving
+    its fp32 input, normed output and rstd) and torch's fused SDPA (sdpa_attention.SDPAttention); packed, it runs
+    per sequence and concatenates, so the pieces' outputs stay beside linear_proj's input. Both: RoPE's cos and sin
+    in params_dtype for q and k, megatron's SwiGLU (fc1 output, silu, the linear half, their product)."""
     act, tp = layout.param_bytes, layout.tp
     tokens = batch * seq
     norm_tokens = tokens // tp if layout.sequence_parallel else tokens  # sequence-sharded parts
     h, d, f = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size // tp
     heads, groups = shape.num_attention_heads // tp, shape.num_kv_heads // tp
-    qkv = act * tokens * (heads + 2 * groups) * d
+    qkv = act * tokens * (heads + 2 * groups) * d  # linear_qkv's output: v's storage
     rope = 4 * seq * d * act  # cos and sin for q and k
+    rotated = act * tokens * (heads + groups) * d  # q, k after RoPE (flash attention's inputs)
+    core = FP32 * batch * heads * seq  # softmax log-sum-exp
+    projection = act * tokens * heads * d  # attention output = linear_proj's input
     mlp = act * tokens * 5 * f  # fc1 output (2f), silu, linear half, product (fc2's input)
     if spec == "te":
         norms = 2 * (2 * act * norm_tokens * h + FP32 * norm_tokens)  # input, normed output, rsigma; twice
         qk_norm = FP32 * tokens * (heads + groups) if shape.qk_norm else 0  # rsigma (inputs: views of qkv)
-        rotated = act * tokens * (heads + groups) * d  # q, k after RoPE (flash attention's inputs)
-        core = FP32 * batch * heads * seq  # softmax log-sum-exp
-        projection = act * tokens * heads * d  # attention output = linear_proj's input
         return {"norms": norms, "qkv": qkv + qk_norm + rope + rotated, "core_attention": core,
                 "projection": projection, "mlp": mlp}
     # local spec: torch RMSNorm upcasts to fp32 and saves input, normed and rstd; the linear after it saves the
     # weighted output in params_dtype.
     norms = 2 * (FP32 * (2 * norm_tokens * h + norm_tokens) + act * norm_tokens * h)
-    repeated = heads > groups
-    qkv_saved = (shape.qk_norm and act == FP32) or not repeated  # as k's norm input (a view), or as v
     qk_norm = 0
     if shape.qk_norm:  # normed q and k, rstd; inputs: fp32 copies, or views of qkv (q is one only for 1 group)
         qk_norm = FP32 * (tokens * (heads + groups) * d + tokens * (heads + groups))
         qk_norm += 0 if act == FP32 and groups == 1 else FP32 * tokens * heads * d
         qk_norm += 0 if act == FP32 else FP32 * tokens * groups * d
-    core = act * tokens * heads * d * (3 if repeated else 1)  # q, and k, v repeated to every head
-    if not repeated:
-        core += act * tokens * groups * d  # k after RoPE (v is a view of qkv)
-    core += FP32 * batch * heads * seq * seq + seq * seq  # fp32 softmax, causal mask
-    if act != FP32:
-        core += act * batch * heads * seq * seq  # the probabilities cast back for the value matmul
-    projection = act * tokens * heads * d
-    return {"norms": norms, "qkv": qk_norm + rope + (qkv if qkv_saved else 0), "core_attention": core,
+    if packed:
+        core += act * tokens * heads * d  # the per-sequence outputs (linear_proj's input is their concatenation)
+    return {"norms": norms, "qkv": qkv + qk_norm + rope + rotated, "core_attention": core,
             "projection": projection, "mlp": mlp}
 
 
 def selective_core_attention_bytes(shape: ModelShape, layout: Layout, spec: str, batch: int, seq: int) -> int:
-    """What recompute=selective keeps of the core attention: the checkpoint's inputs q, k after RoPE and v."""
-    act, tp = layout.param_bytes, layout.tp
-    heads, groups, d = shape.num_attention_heads // tp, shape.num_kv_heads // tp, shape.head_dim
-    tokens = batch * seq
-    if spec == "te":
-        return 0  # flash attention saved exactly its inputs already (counted under "qkv")
-    rotated = act * tokens * (heads + groups) * d
-    counted_v = (shape.qk_norm and act == FP32) or heads == groups  # qkv's storage is in "qkv" already
-    return rotated + (0 if counted_v else act * tokens * (heads + 2 * groups) * d)
+    """What recompute=selective keeps of the core attention beyond the other parts: nothing, in both specs — the
+    checkpoint's inputs q, k after RoPE and v are what flash attention saved already (under "qkv"), and its output
+    is linear_proj's input (under "projection"); only the log-sum-exp (and, packed, the per-sequence outputs) go."""
+    return 0
 
 
 def activation_bytes(shape: ModelShape, layout: Layout, spec: str, stage: int, batch: int | None = None,
@@ -234,20 +265,27 @@ def activation_bytes(shape: ModelShape, layout: Layout, spec: str, stage: int, b
     """One micro-batch on one GPU of `stage`: what stays saved between its forward and backward ("layers",
     "embedding", "final_norm", "logprobs"), and the transient peaks on top ("backward" — the layer or recomputed
     chunk being back-propagated, with its gradients — and "logits_peak", the logits and log-prob working set)."""
-    batch = layout.micro_batch_size if batch is None else batch
-    seq = layout.seq_len if seq is None else seq
+    padded_batch, padded_seq = layout.padded_shape
+    batch = padded_batch if batch is None else batch
+    seq = padded_seq if seq is None else seq
     act, tp, h = layout.param_bytes, layout.tp, shape.hidden_size
-    tokens = batch * seq
+    # The layers: the right-padded [batch, seq], or packed (THD) one row of the real tokens (the worst case: every
+    # row full), attention per sequence; the logits and the loss: [batch, seq] either way.
+    packed = layout.pack_sequences
+    layer_batch, layer_seq = (1, layout.layer_tokens(batch, seq)) if packed else (batch, seq)
+    tokens = layer_batch * layer_seq
     norm_tokens = tokens // tp if layout.sequence_parallel else tokens
     layers = shape.num_layers // layout.pp
-    per_layer = layer_activation_bytes(shape, layout, spec, batch, seq)
+    per_layer = layer_activation_bytes(shape, layout, spec, layer_batch, layer_seq, packed=packed)
     one_layer = sum(per_layer.values())
     if layout.recompute == Recompute.selective:
-        one_layer += selective_core_attention_bytes(shape, layout, spec, batch, seq) - per_layer["core_attention"]
+        one_layer += (selective_core_attention_bytes(shape, layout, spec, layer_batch, layer_seq)
+                      - per_layer["core_attention"])
     parts = {}
     if layout.recompute == Recompute.full:
         chunks = math.ceil(layers / layout.recompute_num_layers)
-        parts["layers"] = chunks * act * norm_tokens * h + FP32 * seq * shape.head_dim  # chunk inputs, RoPE table
+        # chunk inputs; the RoPE table [longest, d] fp32 (packed: max_seqlen) is a checkpoint input too
+        parts["layers"] = chunks * act * norm_tokens * h + FP32 * seq * shape.head_dim
         parts["backward"] = (layout.recompute_num_layers + 1) * sum(per_layer.values())
     else:
         parts["layers"] = layers * one_layer
@@ -262,16 +300,24 @@ def activation_bytes(shape: ModelShape, layout: Layout, spec: str, stage: int, b
     else:
         parts["final_norm"] = FP32 * (2 * norm_tokens * h + norm_tokens) + act * norm_tokens * h
     vocab = shape.padded_vocab_size(tp) // tp
-    logits = act * tokens * vocab
+    logits = act * batch * seq * vocab  # what the loss reads: right-padded [batch, seq, vocab/TP]
     predicted = batch * (seq - 1)  # next-token positions
     chunk_rows = min(seq - 1, max(1, layout.logprob_chunk_tokens // batch)) if layout.logprob_chunk_tokens else seq
     if chunk_rows >= seq - 1:  # the whole fp32 softmax stays for backward (+ cross entropy's target mask and ids)
         parts["logprobs"] = FP32 * predicted * vocab + predicted * (1 + 8)
         parts["logits_peak"] = logits + FP32 * predicted * vocab
     else:  # only the logits stay (and the token ids); backward: logits, their gradient, one chunk's fp32 and grad
-        parts["logprobs"] = logits + (0 if stage == 0 else 8 * tokens)
+        # (the targets are a view of the micro-batch's ids; the embedding's on the first stage unless packed)
+        parts["logprobs"] = logits + (0 if stage == 0 and not packed else 8 * batch * seq)
         parts["logits_peak"] = 2 * logits + (FP32 + act) * batch * chunk_rows * vocab
-    if batch > 1:  # GPTModel's [s, b] → [b, s] copy of the logits, beside the original for a moment
+    if packed:
+        # PackedBatch.unpack: the layers' logits [tokens, vocab/TP], a zero [batch, seq, vocab/TP] and the
+        # index_put result filled from both, for a moment all three; autograd keeps the scatter's row and column
+        # indices only (int64), so the layers' logits are freed after it (backward: the padded and packed
+        # gradients, less than this).
+        parts["logprobs"] += 2 * 8 * batch * seq
+        parts["logits_peak"] = max(parts["logits_peak"], act * tokens * vocab + 2 * logits)
+    elif batch > 1:  # GPTModel's [s, b] → [b, s] copy of the logits, beside the original for a moment
         parts["logits_peak"] = max(parts["logits_peak"], 2 * logits)
     return parts
 
@@ -365,8 +411,9 @@ def estimate(shape: ModelShape, cfg: RunConfig, *, spec: str = "te") -> MemoryPl
                             engine_awake=engine_awake, engine_asleep=int(ENGINE_ASLEEP_GB * GiB),
                             engine_awake_in_update=awake_in_update,
                             weight_sync=cfg.rollout.weight_sync_bucket_mb * 1024**2))
+    rows, longest = layout.padded_shape
     return MemoryPlan(gpus=gpus, gpu_memory=gpu_memory, layout=layout, spec=spec,
-                      tokens_per_micro_batch=layout.micro_batch_size * layout.seq_len)
+                      tokens_per_micro_batch=rows * longest)
 
 
 def host_memory_gb_per_node(shape: ModelShape, cfg: RunConfig) -> float:
@@ -390,7 +437,10 @@ def suggestions(plan: MemoryPlan) -> list[str]:
             hints.append("parallel.recompute=full (keep one hidden state per layer, recompute in backward)")
         if layout.tp > 1 and not layout.sequence_parallel:
             hints.append("parallel.sequence_parallel=true")
-        if layout.micro_batch_size > 1:
+        if layout.micro_batch_tokens > 0:
+            if layout.micro_batch_tokens > layout.seq_len:  # the smallest budget holds one longest sequence
+                hints.append(f"algorithm.micro_batch_tokens smaller (≥ {layout.seq_len}, the longest sequence)")
+        elif layout.micro_batch_size > 1:
             hints.append("algorithm.micro_batch_size=1")
     if gpu.transients["logits"] > 0.1 * plan.gpu_memory and not layout.logprob_chunk_tokens:
         hints.append("parallel.logprob_chunk_tokens=4096 (log-probs in chunks; only the bf16 logits stay)")
@@ -424,7 +474,8 @@ def plan_table(plan: MemoryPlan, title: str = ""):
     recompute = {Recompute.none: "no recompute", Recompute.selective: "selective recompute",
                  Recompute.full: f"full recompute, {layout.recompute_num_layers} layer(s)/chunk"}[layout.recompute]
     row(f"activations held ({'/'.join(map(str, flight))} micro-batch(es) in flight, {recompute}"
-        f"{', SP' if layout.sequence_parallel else ''})", [gpu.lines["activations"] for gpu in plan.gpus])
+        f"{', SP' if layout.sequence_parallel else ''}{', packed' if layout.pack_sequences else ''})",
+        [gpu.lines["activations"] for gpu in plan.gpus])
     chunk = f"chunks of {layout.logprob_chunk_tokens} tokens" if layout.logprob_chunk_tokens else "unchunked"
     row(f"  + logits & log-prob peak ({chunk}) or", [gpu.transients["logits"] for gpu in plan.gpus])
     row("  + backward of one layer/recomputed chunk (larger counts)",
@@ -445,9 +496,16 @@ def plan_table(plan: MemoryPlan, title: str = ""):
 def describe(plan: MemoryPlan) -> str:
     """One line: layout and the worst case the activations are sized for."""
     layout = plan.layout
+    rows, longest = layout.padded_shape
+    if layout.micro_batch_tokens > 0:
+        worst = (f"micro_batch_tokens={layout.micro_batch_tokens} (rows × longest; the longest sequence, max prompt + "
+                 f"max response, is {layout.seq_len}): {rows} × {longest}")
+    else:
+        worst = f"micro_batch_size={layout.micro_batch_size} × {layout.seq_len} tokens (max prompt + max response)"
+    packing = ("packed (THD: the layers see the real tokens, the loss the right-padded logits)"
+               if layout.pack_sequences else "right-padded")
     return (f"TP={layout.tp} PP={layout.pp} DP={layout.dp}, {plan.spec} spec, params {layout.param_bytes * 8}-bit; "
-            f"activations for the worst case micro_batch_size={layout.micro_batch_size} × "
-            f"{layout.seq_len} tokens (max prompt + max response) = {plan.tokens_per_micro_batch} tokens")
+            f"activations for the worst case {worst} = {plan.tokens_per_micro_batch} tokens, {packing}")
 
 
 def check_layout(shape: ModelShape, cfg: RunConfig) -> None:
