@@ -11,6 +11,9 @@ one GPU, so TP/PP > 1 stay with the CPU device-discipline test). Each check prin
 3. IPC: the handles the ipc weight sync sends, rebuilt in another process on the same GPU (bit-identical);
 4. memory: the estimator (p2o_hpc.megatron.memory_plan) against torch.cuda.max_memory_allocated for a learner step
    of a larger random Qwen3.
+
+`--random-model DIR` only writes that larger random Qwen3 (bf16) to DIR and exits: gpu_check.sh then runs the
+speed benchmarks on it (tools/bench_learner.py, tools/bench_micro_batching.py), each in its own process.
 """
 
 from __future__ import annotations
@@ -251,7 +254,11 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="check this script itself on a CPU machine: the learner and parity checks only")
+    parser.add_argument("--random-model", metavar="DIR", help="only write the larger random Qwen3 to DIR")
     args = parser.parse_args()
+    if args.random_model:
+        print(f"[gpu_check] random Qwen3 {MEMORY_MODEL} → {random_model(args.model, Path(args.random_model))}")
+        return 0
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         print("[gpu_check] no CUDA device: this script is for the lent GPU machine", file=sys.stderr)
         return 2
