@@ -158,9 +158,10 @@ def test_a_token_budget_sizes_the_worst_micro_batch_and_the_1f1b_bound():
     from p2o_hpc.megatron.memory_plan import KNOWN_SHAPES, Layout, activation_bytes, describe, estimate, suggestions
 
     shape = KNOWN_SHAPES["Qwen/Qwen3-4B"]
-    one = _compose("experiment=paper_p2o")
+    one = _compose("experiment=paper_p2o", "algorithm.micro_batch_tokens=0")  # one sequence per micro-batch
     longest = one.data.max_prompt_tokens + one.rollout.max_response_tokens
-    budget = _compose("experiment=paper_p2o", f"algorithm.micro_batch_tokens={longest}")
+    budget = _compose("experiment=paper_p2o")  # the preset's budget: one longest sequence
+    assert budget.algorithm.micro_batch_tokens == longest
     validate(budget)
     assert Layout.of(budget).padded_shape == (1, longest) == Layout.of(one).padded_shape
     assert estimate(shape, budget).worst.peak == estimate(shape, one).worst.peak
@@ -182,7 +183,8 @@ def test_a_token_budget_sizes_the_worst_micro_batch_and_the_1f1b_bound():
     assert double.micro_batches == math.ceil(((sequences - 1) / one.parallel.data + 1) / 2)
     # Packed vs right-padded (the same worst case, chunked log-probs): the layers see the same tokens, the
     # logits' peak is the packed logits, the zeros and the scatter at once (3 copies), not 2 copies and a chunk.
-    padded = Layout.of(_compose("experiment=paper_p2o", "parallel.pack_sequences=false"))
+    padded = Layout.of(_compose("experiment=paper_p2o", "algorithm.micro_batch_tokens=0",
+                                "parallel.pack_sequences=false"))
     packed_parts = activation_bytes(shape, Layout.of(one), "te", 0)
     padded_parts = activation_bytes(shape, padded, "te", 0)
     assert packed_parts["layers"] == padded_parts["layers"]
