@@ -19,7 +19,7 @@ where the model, its log-probs and the loss live (NCCL and the GPU kernels take 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -57,7 +57,7 @@ def pack_by_length(lengths: Sequence[int], micro_batch_tokens: int) -> list[list
     return batches
 
 
-def balance_by_tokens(indices: Sequence[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
+def balance_by_tokens(indices: Sequence[int], lengths: Mapping[int, int], parts: int) -> list[list[int]]:
     """`indices` dealt into `parts` lists of similar token sums: longest first, each to the part with the fewest
     tokens so far (ties: the lowest part). Deterministic, so every rank computes the same split."""
     dealt: list[list[int]] = [[] for _ in range(parts)]
