@@ -71,30 +71,36 @@ def balance_by_tokens(indices: Sequence[int], lengths: Mapping[int, int], parts:
 
 def padding_fraction(micro_batches: list[dict], *, packed: bool = False) -> float:
     """The share of the learner's token slots that hold padding: right-padded rows, or none when packed."""
+    if packed:
+        return 0.0
     slots = sum(batch["input_ids"].numel() for batch in micro_batches)
     real = sum(int(batch["seq_lengths"].sum()) for batch in micro_batches)
-    return 0.0 if packed or not slots else 1.0 - real / slots
+    return 1.0 - real / slots if slots else 0.0
+
+
+def right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, longest] token ids padded after each sequence's end with `pad_id`, and the rows' lengths (host)."""
+    input_ids = torch.full((len(sequences), max(map(len, sequences))), pad_id, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+    return input_ids, torch.tensor([len(sequence) for sequence in sequences])
 
 
 def collate(rollouts: list[Rollout], indices: list[int], advantages: torch.Tensor, pad_id: int,
             device=None) -> dict:
     """One right-padded micro-batch on `device` (None: the host). `rollout_index` maps rows back to the step's
     rollouts; `seq_lengths` are the rows' unpadded lengths (for packing them)."""
-    sequences = [rollouts[i].sequence for i in indices]
-    length = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((len(indices), length), dtype=torch.float32)
+    input_ids, seq_lengths = right_padded([rollouts[i].sequence for i in indices], pad_id)
+    response_mask = torch.zeros(input_ids.shape, dtype=torch.float32)
     for row, i in enumerate(indices):
         rollout = rollouts[i]
-        prompt_len, total = len(rollout.prompt_ids), len(rollout.sequence)
-        input_ids[row, :total] = torch.tensor(rollout.sequence)
-        response_mask[row, prompt_len:total] = 1.0
+        response_mask[row, len(rollout.prompt_ids):len(rollout.sequence)] = 1.0
     batch = {
         "input_ids": input_ids,
         "response_mask": response_mask,
         "advantages": advantages[indices].float(),
         "rollout_index": torch.tensor(indices),
-        "seq_lengths": torch.tensor([len(sequence) for sequence in sequences]),
+        "seq_lengths": seq_lengths,
     }
     return batch if device is None else {key: value.to(device) for key, value in batch.items()}
 
@@ -135,13 +141,10 @@ def generation_micro_batch(rollouts: list[Rollout], batch: dict, pad_id: int) ->
     indices = batch["rollout_index"].tolist()
     if not any(rollouts[i].distilled for i in indices):
         return None
-    sequences = [rollouts[i].generation_sequence for i in indices]
-    input_ids = torch.full((len(indices), max(map(len, sequences))), pad_id, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+    input_ids, seq_lengths = right_padded([rollouts[i].generation_sequence for i in indices], pad_id)
     device = batch["input_ids"].device
     return {"input_ids": input_ids.to(device), "rollout_index": batch["rollout_index"],
-            "seq_lengths": torch.tensor([len(sequence) for sequence in sequences]).to(device)}
+            "seq_lengths": seq_lengths.to(device)}
 
 
 def response_slice(rollout: Rollout, generation: bool = False) -> slice:

@@ -253,13 +253,6 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, spec: str, batch: 
             "projection": projection, "mlp": mlp}
 
 
-def selective_core_attention_bytes(shape: ModelShape, layout: Layout, spec: str, batch: int, seq: int) -> int:
-    """What recompute=selective keeps of the core attention beyond the other parts: nothing, in both specs — the
-    checkpoint's inputs q, k after RoPE and v are what flash attention saved already (under "qkv"), and its output
-    is linear_proj's input (under "projection"); only the log-sum-exp (and, packed, the per-sequence outputs) go."""
-    return 0
-
-
 def activation_bytes(shape: ModelShape, layout: Layout, spec: str, stage: int, batch: int | None = None,
                      seq: int | None = None) -> dict[str, int]:
     """One micro-batch on one GPU of `stage`: what stays saved between its forward and backward ("layers",
@@ -279,8 +272,9 @@ def activation_bytes(shape: ModelShape, layout: Layout, spec: str, stage: int, b
     per_layer = layer_activation_bytes(shape, layout, spec, layer_batch, layer_seq, packed=packed)
     one_layer = sum(per_layer.values())
     if layout.recompute == Recompute.selective:
-        one_layer += (selective_core_attention_bytes(shape, layout, spec, layer_batch, layer_seq)
-                      - per_layer["core_attention"])
+        # The checkpoint's inputs (q, k after RoPE, v) are what flash attention saved already (under "qkv"), its
+        # output is linear_proj's input (under "projection"): only "core_attention" goes, in both specs.
+        one_layer -= per_layer["core_attention"]
     parts = {}
     if layout.recompute == Recompute.full:
         chunks = math.ceil(layers / layout.recompute_num_layers)
