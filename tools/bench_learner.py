@@ -66,6 +66,31 @@ def _timed(step, model, device: torch.device) -> tuple[float, float]:
     return elapsed, float(loss)
 
 
+def bench_model_dir(model: str | None) -> str:
+    """--model, or (None) the larger variant of the project's tiny Qwen3 these benchmarks default to."""
+    if model is not None:
+        return model
+    from p2o_hpc.tiny_model import build_tiny_model
+
+    return str(build_tiny_model("qwen3-tiny", overrides=DEFAULT_OVERRIDES))
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, *, warmup: int, iters: int) -> None:
+    """--model, --warmup, --iters, --dtype, --seed (shared with tools/bench_micro_batching.py)."""
+    parser.add_argument("--model", help="HF model folder (default: a larger variant of the project's tiny Qwen3)")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def check_timing_arguments(parser: argparse.ArgumentParser, args) -> None:
+    if args.model is not None and not Path(args.model).is_dir():
+        parser.error(f"--model {args.model}: not a folder")
+    if args.iters < 1:
+        parser.error("--iters must be >= 1")
+
+
 def build_models(model_dir: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
@@ -86,11 +111,7 @@ def build_models(model_dir: str, dtype: torch.dtype, device: torch.device):
 def run(args) -> dict[str, float | str]:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     dtype = DTYPES[args.dtype]
-    model_dir = args.model
-    if model_dir is None:
-        from p2o_hpc.tiny_model import build_tiny_model
-
-        model_dir = str(build_tiny_model("qwen3-tiny", overrides=DEFAULT_OVERRIDES))
+    model_dir = bench_model_dir(args.model)
     arch, mcore, hf = build_models(model_dir, dtype, device)
 
     generator = torch.Generator().manual_seed(args.seed)
@@ -159,18 +180,11 @@ def print_report(result: dict, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="HF model folder (default: a larger variant of the project's tiny Qwen3)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--seed", type=int, default=0)
+    add_timing_arguments(parser, warmup=2, iters=5)
     args = parser.parse_args(argv)
-    if args.model is not None and not Path(args.model).is_dir():
-        parser.error(f"--model {args.model}: not a folder")
-    if args.iters < 1:
-        parser.error("--iters must be >= 1")
+    check_timing_arguments(parser, args)
     print_report(run(args), args)
     return 0
 

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from bench_learner import DEFAULT_OVERRIDES, DTYPES
+from bench_learner import add_timing_arguments, bench_model_dir, check_timing_arguments
 
 PROMPT_TOKENS = 96
 MODES = {"fixed": (False, False), "fixed_packed": (False, True), "token_budget": (True, False),
@@ -82,11 +82,7 @@ def learner_step(side, batch, budget: int, packed: bool) -> tuple[float, float]:
 def run(args) -> dict:
     from p2o_hpc.records import Problem, StepBatch
 
-    model_dir = args.model
-    if model_dir is None:
-        from p2o_hpc.tiny_model import build_tiny_model
-
-        model_dir = str(build_tiny_model("qwen3-tiny", overrides=DEFAULT_OVERRIDES))
+    model_dir = bench_model_dir(args.model)
     side = build_side(model_dir, args)
     rollouts = long_tailed_rollouts(args, side.arch.vocab_size)
     prompts = args.sequences // args.samples_per_prompt
@@ -139,7 +135,6 @@ def print_report(result: dict, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="HF model folder (default: tools/bench_learner.py's larger tiny Qwen3)")
     parser.add_argument("--sequences", type=int, default=48)
     parser.add_argument("--samples-per-prompt", type=int, default=6)
     parser.add_argument("--mini-batches", type=int, default=2)
@@ -147,16 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--median-response", type=int, default=160)
     parser.add_argument("--sigma", type=float, default=1.0)
     parser.add_argument("--max-response", type=int, default=1536)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--seed", type=int, default=0)
+    add_timing_arguments(parser, warmup=1, iters=3)
     args = parser.parse_args(argv)
+    check_timing_arguments(parser, args)
     prompts, rest = divmod(args.sequences, args.samples_per_prompt)
     if rest or prompts % args.mini_batches:
         parser.error("--sequences must be --samples-per-prompt × a multiple of --mini-batches prompts")
-    if args.iters < 1:
-        parser.error("--iters must be >= 1")
+    if (args.sequences // args.mini_batches) % args.micro_batch_size:
+        parser.error("--micro-batch-size must divide a mini-batch's sequences (--sequences / --mini-batches)")
     print_report(run(args), args)
     return 0
 
